@@ -1,0 +1,1 @@
+"""One-shot, idempotent dataset preparation: the built-in dataset, converters and a validator."""

@@ -1,0 +1,1 @@
+"""The shared trainer, evaluator and entry points."""

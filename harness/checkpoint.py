@@ -1,0 +1,111 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``.
+
+A checkpoint holds the model, the method's own state (heads, buffers such as IDF statistics),
+the optimiser, the scheduler, the step, the samples seen, every RNG state and the data
+position, so a killed run resumes where it stopped. Only tensors and plain Python containers
+are stored, which is what ``weights_only=True`` accepts: loading never executes code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest.pt"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the previous checkpoint or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated or not a checkpoint at all
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def latest(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints" / LATEST
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """A short human description of how two state dicts differ (for resume errors)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [
+        f"{k}: {tuple(found[k].shape)} in checkpoint vs {tuple(v.shape)} now"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if shapes:
+        parts.append("shape mismatch " + "; ".join(shapes[:5]))
+    return ", ".join(parts)
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict that explains every difference in one error."""
+    problem = describe_mismatch(module.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{what} does not match this run's {what}: {problem}")
+    module.load_state_dict(state)

@@ -1,0 +1,167 @@
+"""The one gin parse site.
+
+Every configurable module is imported before parsing (gin locks the config after), every file
+is syntax-checked first so that an error names its file and line, and all the small frozen
+config dataclasses are instantiated here, once, into a ``RunSpec``. Inner code receives explicit
+values, never gin.
+
+Macros every config understands (``configs/base.gin`` defines their defaults)::
+
+    METHOD  BATCH_SIZE  SEED  TRAIN_SAMPLES  MODEL  DATA
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util  # noqa: F401 - gin 0.5.0 needs it loaded to report a missing file
+import json
+import tokenize
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gin
+from gin import config_parser
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MACROS = ("METHOD", "BATCH_SIZE", "SEED", "TRAIN_SAMPLES", "MODEL", "DATA")
+_SEARCH_PATHS: set[Path] = set()
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file, a binding or a value; the message names it."""
+
+
+@gin.configurable
+@dataclass(frozen=True)
+class RunConfig:
+    """Which method and which model; ``device`` is auto, cpu or cuda."""
+
+    method: str = "clip"
+    model: str = "tiny-vit"
+    device: str = "auto"
+
+
+@gin.configurable
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 250
+    chunk_size: int = 1024  # queries scored at once; bounds memory at O(N * chunk)
+    split: str = "test"
+    probe_split: str = "train"
+    probe_train_samples: int = 5000  # labelled train images used to fit the probe
+    probe_C: float = 1.0  # inverse L2 strength of the logistic regression
+    probe_max_iter: int = 1000
+
+
+def import_configurables() -> None:
+    """Import every module that declares configurables, so gin knows them before parsing."""
+    import methods  # noqa: F401 - registers every method
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run: RunConfig
+    train: Any  # harness.trainer.TrainConfig
+    data: Any  # harness.data.DataConfig
+    eval: EvalConfig
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: asdict(v) for k, v in self.__dict__.items()}
+
+
+def _includes(path: Path) -> list[Path]:
+    found = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("include "):
+            found.append(_resolve(line.split(None, 1)[1].strip().strip("'\""), path.parent, path))
+    return found
+
+
+def _resolve(name: str, here: Path, including: Path | None) -> Path:
+    for base in (Path.cwd(), here, REPO_ROOT):
+        candidate = (base / name).resolve()
+        if candidate.exists():
+            return candidate
+    where = f" (included from {including})" if including else ""
+    raise ConfigError(f"config file not found: {name}{where}")
+
+
+def check_syntax(path: Path, seen: set[Path] | None = None) -> None:
+    """Parse ``path`` and its includes without binding anything; errors name file and line."""
+    seen = set() if seen is None else seen
+    if path in seen:
+        return
+    seen.add(path)
+    try:
+        with open(path) as f:
+            for _ in config_parser.ConfigParser(f, gin.config.ParserDelegate(skip_unknown=True)):
+                pass
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: malformed gin ({e.msg})") from None
+    except tokenize.TokenError as e:
+        line = e.args[1][0] if len(e.args) > 1 else "?"
+        raise ConfigError(
+            f"{path}, line {line}: malformed gin (unclosed bracket or quote)"
+        ) from None
+    for child in _includes(path):
+        check_syntax(child, seen)
+
+
+def parse(config_files: list[str | Path], bindings: list[str] = ()) -> list[Path]:
+    """Clear gin, then parse files and bindings; returns the resolved file paths."""
+    import_configurables()
+    paths = [_resolve(str(f), Path.cwd(), None) for f in config_files]
+    for path in paths:
+        check_syntax(path)
+    gin.clear_config()
+    for folder in (REPO_ROOT, *(p.parent for p in paths)):
+        if folder not in _SEARCH_PATHS:  # gin keeps search paths for the whole process
+            _SEARCH_PATHS.add(folder)
+            gin.add_config_file_search_path(str(folder))
+    try:
+        gin.parse_config_files_and_bindings([str(p) for p in paths], list(bindings))
+    except (ValueError, KeyError, OSError, SyntaxError, tokenize.TokenError) as e:
+        raise ConfigError(_clean(e, bindings)) from None
+    return paths
+
+
+def _clean(error: Exception, bindings: list[str]) -> str:
+    text = str(error).strip() or repr(error)
+    if isinstance(error, SyntaxError | tokenize.TokenError) and bindings:
+        return f"malformed --gin_param binding among {list(bindings)}: {text}"
+    return text
+
+
+def resolve() -> RunSpec:
+    """Instantiate the config dataclasses from the parsed gin config."""
+    from harness.data import DataConfig
+    from harness.trainer import TrainConfig
+
+    try:
+        return RunSpec(run=RunConfig(), train=TrainConfig(), data=DataConfig(), eval=EvalConfig())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e).split("\n  In call to configurable")[0]) from None
+
+
+def macro(name: str) -> Any:
+    try:
+        return gin.query_parameter(f"%{name}")
+    except ValueError:
+        return None
+
+
+def full_config() -> str:
+    """Every binding and macro in force (not only the ones used so far)."""
+    return gin.config_str()
+
+
+def operative_config() -> str:
+    return gin.operative_config_str()
+
+
+def config_hash(*extra: Any) -> str:
+    """Hash of the complete parsed config plus anything else that changes the result."""
+    payload = full_config() + "".join(json.dumps(x, sort_keys=True, default=str) for x in extra)
+    return hashlib.sha256(payload.encode()).hexdigest()[:10]

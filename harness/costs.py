@@ -1,0 +1,92 @@
+"""Parameter and FLOP counts of a method's training step and of its inference embeddings.
+
+FLOPs are counted with torch's FlopCounterMode (matmuls, convolutions, attention; elementwise
+ops are not counted, as is usual for MFU) on a copy of the model and method, so that counting
+changes no weight, buffer or optimiser state. Everything a method adds (heads, prototypes,
+projections, a frozen teacher's forward) is inside the counted step.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from harness.data import prepare_batch
+
+EOT_TOKEN = 49407  # CLIP BPE end-of-text id: text pooling picks the argmax id
+
+
+def synthetic_batch(batch: int, image_size: int, context_length: int) -> dict[str, torch.Tensor]:
+    """A batch with the shapes of a real one (FLOPs depend on shapes, not on values)."""
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 49406, (batch, context_length), generator=gen)
+    text[:, 0], text[:, -1] = 49406, EOT_TOKEN
+    return {
+        "image": torch.randint(
+            0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=gen
+        ),
+        "text": text,
+        "index": torch.arange(batch),
+        "corrupt": torch.tensor(0),
+    }
+
+
+def parameter_counts(model: nn.Module, method: nn.Module) -> dict[str, int]:
+    def count(params, trainable=None):
+        return sum(p.numel() for p in params if trainable is None or p.requires_grad == trainable)
+
+    model_ids = {id(p) for p in model.parameters()}
+    extra = [p for p in method.parameters() if id(p) not in model_ids]
+    return {
+        "params_model": count(model.parameters()),
+        "params_model_trainable": count(model.parameters(), True),
+        "params_method_extra": count(extra),
+        "params_method_extra_trainable": count(extra, True),
+        "params_frozen": count(model.parameters(), False) + count(extra, False),
+        "params_trainable": count(model.parameters(), True) + count(extra, True),
+        "params_total": count(model.parameters()) + count(extra),
+    }
+
+
+def count_costs(
+    step_module: nn.Module,
+    *,
+    per_rank_batch: int,
+    image_size: int,
+    context_length: int,
+    device: torch.device,
+    autocast_ctx,
+) -> dict[str, Any]:
+    """Parameters, training FLOPs per sample, and inference FLOPs per image and per caption."""
+    from harness.trainer import total_loss
+
+    counts = parameter_counts(step_module.model, step_module.method)
+    twin = copy.deepcopy(step_module)
+    batch = prepare_batch(synthetic_batch(per_rank_batch, image_size, context_length), device)
+    with FlopCounterMode(display=False) as counter:
+        with autocast_ctx:
+            terms = twin(batch)
+        total_loss(terms).backward()
+    train_flops = counter.get_total_flops()
+    twin.eval()
+    method, model = twin.method, twin.model
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        method.embed_images(model, batch["image"][:1])
+    image_flops = counter.get_total_flops()
+    text_flops = 0
+    if method.has_text_tower(model):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            method.embed_texts(model, batch["text"][:1])
+        text_flops = counter.get_total_flops()
+    del twin
+    return {
+        **counts,
+        "train_flops_per_sample": train_flops / per_rank_batch,
+        "train_flops_batch": per_rank_batch,
+        "inference_flops_per_image": image_flops,
+        "inference_flops_per_caption": text_flops,
+    }

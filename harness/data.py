@@ -1,0 +1,385 @@
+"""Reading a manifest's shards with webdataset: decode, augment, tokenize, batch.
+
+Order and splitting. Each epoch the shard list is shuffled with (seed, epoch) and dealt out to
+the ``world_size * num_workers`` reader slots (rank-major), so every sample is read exactly once
+per epoch across all ranks and workers. With fewer shards than slots, every slot reads all
+shards and keeps every n-th sample instead. A slot's stream is endless (epoch after epoch), so
+no rank runs dry before another; the trainer stops all ranks at the same step.
+
+Determinism. The raw sample stream of a slot is a pure function of (seed, slot, shards): resuming
+after ``skip_batches`` batches drops the right raw samples before any decoding. Per-sample
+randomness (which caption, which crop) is seeded from (seed, epoch, index), so it does not depend
+on worker count or on resuming.
+
+Corrupt samples (undecodable image, no caption) are skipped and counted; each batch reports how
+many its reader skipped since its previous batch in ``batch["corrupt"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gin
+import numpy as np
+import open_clip
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from harness.manifest import DataError, Manifest, check_shards, load_manifest
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+@gin.configurable
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how it is read. ``manifest=None`` means the built-in dataset."""
+
+    manifest: str | None = None
+    augment: str = "open_clip"  # "open_clip" (RandomResizedCrop 0.9-1.0) or "none"
+    num_workers: int = 1
+    shuffle_buffer: int = 2000
+    verify_checksums: bool = True
+    builtin_root: str = "data"
+
+    def __post_init__(self) -> None:
+        if self.augment not in ("open_clip", "none"):
+            raise ValueError(f"DataConfig.augment={self.augment!r}; choose 'open_clip' or 'none'")
+        if self.num_workers < 0:
+            raise ValueError(f"DataConfig.num_workers={self.num_workers} must be >= 0")
+
+
+def resolve_manifest(config: DataConfig) -> Manifest:
+    """Load the configured manifest, building the built-in dataset on first use."""
+    if config.manifest is None:
+        from data_tools.builtin import BuiltinSpec, build, default_dir
+
+        spec = BuiltinSpec()
+        path = build(spec, default_dir(spec, config.builtin_root))
+    else:
+        path = Path(config.manifest)
+    manifest = load_manifest(path)
+    check_shards(manifest, checksums=config.verify_checksums)
+    return manifest
+
+
+# ---------------------------------------------------------------- per-sample helpers
+
+
+def _seed(*parts: Any) -> int:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample_meta(sample: dict[str, Any]) -> dict[str, Any]:
+    """Captions, index and labels of a raw sample, whatever caption layout it uses."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    caps = meta.get("captions")
+    if caps is None and "caption" in meta:
+        caps = [meta["caption"]]
+    if caps is None and "txt" in sample:
+        caps = [sample["txt"].decode("utf-8")]
+    caps = [c.strip() for c in (caps or []) if isinstance(c, str) and c.strip()]
+    return {"captions": caps, "index": meta.get("index"), "labels": meta.get("labels", {})}
+
+
+def random_resized_box(
+    width: int, height: int, rng: random.Random, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)
+):
+    """Crop box of RandomResizedCrop (open_clip's train augmentation), drawn from ``rng``.
+
+    Drawing from a per-sample Python RNG instead of torch's global one keeps augmentation
+    independent of worker count and resuming, and avoids torch.manual_seed per sample.
+    """
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return (left, top, left + w, top + h)
+    side = min(width, height)  # fallback: central square crop
+    left, top = (width - side) // 2, (height - side) // 2
+    return (left, top, left + side, top + side)
+
+
+def center_box(width: int, height: int) -> tuple[int, int, int, int]:
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return (left, top, left + side, top + side)
+
+
+def to_pixels(image: Image.Image, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Crop ``box`` and resize to size x size in one resampling step; uint8 HWC."""
+    if box == (0, 0, size, size) and image.size == (size, size):
+        return np.asarray(image)
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image:
+    for key in IMAGE_KEYS:
+        if key in sample:
+            img = Image.open(io.BytesIO(sample[key]))
+            img.load()
+            return img.convert("RGB")
+    raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+
+
+# ---------------------------------------------------------------- the stream
+
+
+class ShardStream(IterableDataset):
+    """Batches from one split, for one rank, split over this rank's DataLoader workers."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        *,
+        batch_size: int,
+        image_size: int,
+        context_length: int,
+        train: bool,
+        augment: str = "none",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 1,
+        shuffle_buffer: int = 0,
+        epochs: int | None = None,
+        skip_batches: int = 0,
+        label_tasks: list[str] = (),
+    ) -> None:
+        self.shards = manifest.shard_paths(split)
+        self.first_index = {
+            p: s.first_index for p, s in zip(self.shards, manifest.split(split).shards, strict=True)
+        }
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
+        self.shuffle_buffer, self.epochs, self.skip_batches = shuffle_buffer, epochs, skip_batches
+        self.label_tasks = list(label_tasks)
+        self.broken = 0  # tar-level errors seen by this reader (per worker copy)
+        self.image_size = image_size
+        self.augment = train and augment == "open_clip"
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+    # -- raw samples -------------------------------------------------
+    def _logical_worker(self) -> int:
+        """The reader role this DataLoader worker plays.
+
+        The DataLoader hands out batches round-robin starting at worker 0. After resuming at
+        batch ``skip``, the next batch belongs to role ``skip % n``, so physical worker w plays
+        role (w + skip) % n: the resumed batch order equals the uninterrupted one.
+        """
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        return (physical + self.skip_batches) % self.num_workers
+
+    def _slot(self) -> tuple[int, int]:
+        return (
+            self.rank * self.num_workers + self._logical_worker(),
+            self.world_size * self.num_workers,
+        )
+
+    def _epoch_shards(self, epoch: int, slot: int, n_slots: int) -> tuple[list[str], int]:
+        order = list(self.shards)
+        if self.train:
+            random.Random(_seed(self.seed, "shards", epoch)).shuffle(order)
+        if len(order) >= n_slots:
+            return order[slot::n_slots], 1
+        return order, n_slots  # too few shards: keep every n-th sample instead
+
+    def _raw(self) -> Iterator[dict[str, Any]]:
+        slot, n_slots = self._slot()
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            shards, stride = self._epoch_shards(epoch, slot, n_slots)
+            position = -1
+            for url in shards:
+                samples = wds.tarfile_samples([{"url": url}], handler=self._count_broken)
+                for ordinal, sample in enumerate(samples):
+                    position += 1
+                    if stride > 1 and position % stride != slot:
+                        continue
+                    sample["__epoch__"], sample["__ordinal__"] = epoch, ordinal
+                    yield sample
+            epoch += 1
+
+    def _count_broken(self, exn: Exception) -> bool:
+        """webdataset's error handler: a truncated or garbled tar member is counted, not fatal."""
+        self.broken += 1
+        return True
+
+    def _shuffled(self, raw: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if not self.train or self.shuffle_buffer <= 1:
+            yield from raw
+            return
+        slot, _ = self._slot()
+        rng = random.Random(_seed(self.seed, "buffer", slot))
+        buffer: list[dict[str, Any]] = []
+        for sample in raw:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                k = rng.randrange(len(buffer))
+                buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _batches_to_skip(self) -> int:
+        """Global batches are dealt round-robin over workers: this worker's share of the skip."""
+        role, n = self._logical_worker(), self.skip_batches
+        return n // self.num_workers + (1 if role < n % self.num_workers else 0)
+
+    # -- decoded samples and batches ---------------------------------
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            meta = sample_meta(sample)
+            if not meta["captions"]:
+                return None
+            image = decode_image(sample)
+        except Exception:  # a broken sample must not stop a run: counted and skipped
+            return None
+        index = meta["index"]
+        if index is None:
+            index = self.first_index[sample["__url__"]] + sample["__ordinal__"]
+        if self.train:
+            rng = random.Random(_seed(self.seed, "sample", sample["__epoch__"], index))
+            captions = [rng.choice(meta["captions"])]
+        else:
+            captions = meta["captions"]
+        box = random_resized_box(*image.size, rng) if self.augment else center_box(*image.size)
+        labels = [int(meta["labels"].get(t, -1)) for t in self.label_tasks]
+        pixels = to_pixels(image, self.image_size, box)
+        return {"image": pixels, "captions": captions, "index": index, "labels": labels}
+
+    def _collate(self, items: list[dict[str, Any]], corrupt: int) -> dict[str, Any]:
+        owners = [i for i, item in enumerate(items) for _ in item["captions"]]
+        flat = [c for item in items for c in item["captions"]]
+        batch = {
+            # uint8 NCHW: normalised on the device by prepare_batch (4x less to copy)
+            "image": torch.from_numpy(np.stack([item["image"] for item in items]))
+            .permute(0, 3, 1, 2)
+            .contiguous(),
+            "text": self.tokenizer(flat),
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+            "corrupt": torch.tensor(corrupt, dtype=torch.long),
+        }
+        if not self.train:  # evaluation keeps every caption and who owns it
+            batch["caption_owner"] = torch.tensor(owners, dtype=torch.long)
+            batch["labels"] = torch.tensor(
+                [item["labels"] for item in items], dtype=torch.long
+            ).reshape(len(items), len(self.label_tasks))
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        raw = self._shuffled(self._raw())
+        skip = self._batches_to_skip() * self.batch_size
+        for _ in range(skip):
+            if next(raw, None) is None:
+                return
+        items: list[dict[str, Any]] = []
+        corrupt = 0
+        for sample in raw:
+            item = self._decode(sample)
+            if item is None:
+                corrupt += 1
+                continue
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield self._collate(items, corrupt + self.broken)
+                items, corrupt, self.broken = [], 0, 0
+        if items:  # only a finite stream (evaluation, tests) ever ends
+            yield self._collate(items, corrupt + self.broken)
+
+
+_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1) * 255
+_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255
+
+
+def prepare_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a loader batch to ``device`` and turn uint8 images into normalised float images."""
+    out = {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+    image = out["image"].float()
+    out["image"] = (image - _MEAN.to(device)) / _STD.to(device)
+    return out
+
+
+def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+    """One DataLoader per stream; batches are already assembled inside the workers."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def train_loader(
+    manifest: Manifest,
+    config: DataConfig,
+    *,
+    per_rank_batch: int,
+    image_size: int,
+    context_length: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    skip_batches: int = 0,
+) -> DataLoader:
+    stream = ShardStream(
+        manifest,
+        "train",
+        batch_size=per_rank_batch,
+        image_size=image_size,
+        context_length=context_length,
+        train=True,
+        augment=config.augment,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=config.num_workers,
+        shuffle_buffer=config.shuffle_buffer,
+        skip_batches=skip_batches,
+    )
+    return make_loader(stream, config.num_workers)
+
+
+def eval_loader(
+    manifest: Manifest,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    context_length: int,
+    num_workers: int = 1,
+) -> DataLoader:
+    """Every sample of ``split`` once, in shard order, with all captions and labels."""
+    stream = ShardStream(
+        manifest,
+        split,
+        batch_size=batch_size,
+        image_size=image_size,
+        context_length=context_length,
+        train=False,
+        num_workers=1,
+        epochs=1,
+        label_tasks=[t.name for t in manifest.label_tasks],
+    )
+    return make_loader(stream, min(num_workers, 1))

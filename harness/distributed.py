@@ -1,0 +1,140 @@
+"""Every collective of the harness lives here; methods call these and never torch.distributed.
+
+All functions are the identity (or a no-op) in a single process, so a method's code is the same
+with one process or many. Contrastive terms gather features *with* gradient and compute the
+local rows against all columns (open_clip's ``local_loss=True, gather_with_grad=True``): the
+backward of the gather sums the gradient contributions of every rank, and DDP's gradient
+average then equals the gradient of the global-batch mean loss.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """The world size torchrun announces, before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def init(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun describes in the environment (or stay single-process)."""
+    world = env_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not is_distributed():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0; gradients flow back to each owner."""
+    if not is_distributed():
+        return x
+    return torch.cat(torch.distributed.nn.all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, without gradient."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
+    """Average ``x`` over ranks, in place; returns ``x``."""
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x.div_(dist.get_world_size())
+    return x
+
+
+@torch.no_grad()
+def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``x`` with rank ``src``'s value, in place."""
+    if is_distributed():
+        dist.broadcast(x, src=src)
+    return x
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (e.g. a stop request seen by one rank)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,25 @@
+"""User-facing errors: one clear line naming the file, key or value, and exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from harness.checkpoint import CheckpointError
+from harness.config import ConfigError
+from harness.manifest import DataError
+from harness.models import ModelError
+from methods import UnknownMethodError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, UnknownMethodError, CheckpointError)
+EXIT_USER_ERROR = 2
+
+
+@contextlib.contextmanager
+def report_errors():
+    """Turn a user error into ``error: <message>`` on stderr and exit code 2; crashes propagate."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -1,0 +1,208 @@
+"""One run, end to end: validate, build, train, evaluate, write the run directory.
+
+Everything a user can get wrong is checked before any compute is spent (method, model, data,
+batch size against world size and dataset), and each problem is one clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness import checkpoint, config, distributed, models, rundir
+from harness.config import ConfigError, RunSpec
+from harness.costs import count_costs
+from harness.data import resolve_manifest
+from harness.distributed import DistInfo
+from harness.evaluate import evaluate
+from harness.manifest import Manifest, write_json_atomic
+from harness.trainer import Diverged, Interrupted, Trainer, autocast, config_record
+from methods import Method, build_method
+
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class Built:
+    spec: RunSpec
+    method: Method
+    model_cfg: dict[str, Any]
+    manifest: Manifest
+    dist: DistInfo
+
+
+def validate(spec: RunSpec, dist: DistInfo) -> tuple[Method, dict[str, Any], Manifest]:
+    """Every check that needs no training; raises one clear error for the first problem."""
+    method = build_method(spec.run.method)
+    model_cfg = models.model_config(spec.run.model)
+    if spec.train.batch_size % dist.world_size:
+        raise ConfigError(
+            f"BATCH_SIZE={spec.train.batch_size} is not divisible by the number of processes "
+            f"({dist.world_size})"
+        )
+    manifest = _manifest_once(spec, dist)
+    train_size = manifest.split("train").num_samples
+    if spec.train.batch_size > train_size:
+        raise ConfigError(
+            f"BATCH_SIZE={spec.train.batch_size} is larger than the training split "
+            f"({train_size} samples in {manifest.root})"
+        )
+    manifest.split(spec.eval.split)
+    return method, model_cfg, manifest
+
+
+def _manifest_once(spec: RunSpec, dist: DistInfo) -> Manifest:
+    """The main process builds the built-in dataset if needed; the others wait, then read it."""
+    if dist.is_main:
+        manifest = resolve_manifest(spec.data)
+    distributed.barrier()
+    if not dist.is_main:
+        manifest = resolve_manifest(spec.data)
+    return manifest
+
+
+def default_run_dir(spec: RunSpec, model_cfg: dict[str, Any], root: str | Path = "runs") -> Path:
+    name = f"{spec.run.method}-b{spec.train.batch_size}-s{spec.train.seed}"
+    return Path(root) / f"{name}-{config.config_hash(model_cfg)}"
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool) -> bool:
+    """True if training should resume from the run's checkpoint."""
+    has_ckpt = checkpoint.latest(run_dir).exists()
+    if has_ckpt and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
+            f"or choose another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return has_ckpt and resume
+
+
+def write_provenance(run_dir: Path, b: Built, derived: dict[str, Any]) -> None:
+    (run_dir / "operative_config.gin").write_text(config.operative_config())
+    (run_dir / "config.gin").write_text(config.full_config())
+    record = {
+        "method": b.method.name,
+        "method_decisions": list(b.method.decisions),
+        "model": b.spec.run.model,
+        "model_config": b.model_cfg,
+        "data": {
+            "manifest": str(b.manifest.root.resolve() / "manifest.json"),
+            "name": b.manifest.name,
+        },
+        "train": derived,
+        "data_config": asdict(b.spec.data),
+        "eval_config": asdict(b.spec.eval),
+        "world_size": b.dist.world_size,
+        "device": rundir.device_name(b.dist.device),
+        "git_commit": rundir.git_commit(),
+        "packages": rundir.package_versions(),
+        "config_hash": config.config_hash(b.model_cfg),
+    }
+    write_json_atomic(run_dir / "run.json", record)
+
+
+def run_one(run_dir: Path | None, *, resume: bool = False) -> Path:
+    """Train and evaluate the currently parsed config into ``run_dir``; returns the run dir."""
+    spec = config.resolve()
+    dist = distributed.init(spec.run.device)
+    method, model_cfg, manifest = validate(spec, dist)
+    b = Built(spec, method, model_cfg, manifest, dist)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(spec, model_cfg)
+    if rundir.is_finished(run_dir):
+        print(f"{run_dir}: already finished; results in {run_dir / 'eval.json'}")
+        return run_dir
+    resuming = prepare_run_dir(run_dir, resume=resume)
+    torch.manual_seed(spec.train.seed)
+    model = method.build_model(model_cfg)
+    trainer = Trainer(
+        method=method, model=model, config=spec.train, data_config=spec.data, manifest=manifest,
+        run_dir=run_dir, dist=dist, image_size=models.image_size(model_cfg),
+        context_length=models.context_length(model_cfg),
+    )  # fmt: skip
+    if dist.is_main:
+        write_provenance(run_dir, b, config_record(spec.train))
+    if resuming:
+        trainer.resume(checkpoint.latest(run_dir))
+    try:
+        _train_and_evaluate(b, trainer, run_dir)
+    finally:
+        trainer.close()
+    return run_dir
+
+
+def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:
+    spec, dist = b.spec, b.dist
+    costs = count_costs(
+        trainer.step_module, per_rank_batch=spec.train.batch_size // dist.world_size,
+        image_size=models.image_size(b.model_cfg), context_length=models.context_length(b.model_cfg),
+        device=dist.device, autocast_ctx=autocast(dist.device, spec.train.precision),
+    )  # fmt: skip
+    if dist.is_main:
+        write_json_atomic(run_dir / "costs.json", costs)
+        rundir.write_status(run_dir, "running", step=trainer.state.step)
+    try:
+        throughput = trainer.fit()
+    except Diverged as e:
+        _record_failure(run_dir, dist, "diverged", str(e), step=e.step)
+        raise SystemExit(EXIT_DIVERGED) from None
+    except Interrupted as e:
+        _record_failure(run_dir, dist, "interrupted", str(e), step=e.step)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except torch.OutOfMemoryError as e:
+        _record_failure(run_dir, dist, "oom", str(e).splitlines()[0], step=trainer.state.step)
+        raise
+    except Exception as e:
+        tail = traceback.format_exc().splitlines()[-12:]
+        _record_failure(run_dir, dist, "failed", f"{type(e).__name__}: {e}", traceback=tail)
+        raise
+    if dist.is_main:
+        throughput["corrupt_samples"] = trainer.state.corrupt_samples
+        write_json_atomic(run_dir / "throughput.json", throughput)
+        metrics = _evaluate(b, trainer.model, run_dir)
+        rundir.write_status(run_dir, rundir.FINISHED, step=trainer.state.step)
+        print(json.dumps({k: round(v, 2) for k, v in metrics.items()}, indent=1))
+    distributed.barrier()
+
+
+def _record_failure(run_dir: Path, dist: DistInfo, status: str, reason: str, **extra: Any) -> None:
+    if dist.is_main:
+        rundir.write_status(run_dir, status, reason=reason, **extra)
+
+
+def _evaluate(b: Built, model: torch.nn.Module, run_dir: Path) -> dict[str, float]:
+    metrics, per_query = evaluate(
+        b.method, model, b.manifest, b.spec.eval, image_size=models.image_size(b.model_cfg),
+        context_length=models.context_length(b.model_cfg), device=b.dist.device,
+    )  # fmt: skip
+    write_json_atomic(run_dir / "eval_ranks.json", per_query)
+    write_json_atomic(run_dir / "eval.json", metrics)
+    return metrics
+
+
+def evaluate_run_dir(run_dir: str | Path, *, device: str = "auto") -> dict[str, float]:
+    """Rebuild model and method from a run directory alone, load its checkpoint, evaluate."""
+    run_dir = Path(run_dir)
+    record = rundir.read_json(run_dir / "run.json")
+    if record is None or not (run_dir / "operative_config.gin").exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no run.json / operative_config.gin)")
+    config.parse([run_dir / "operative_config.gin"])
+    spec = config.resolve()
+    dist = distributed.init(device)
+    method = build_method(record["method"])
+    model = method.build_model(record["model_config"])
+    state = checkpoint.load(checkpoint.latest(run_dir))
+    checkpoint.load_state_strict(model, state["model"], "model")
+    checkpoint.load_state_strict(method, state["method"], "method state")
+    model.to(dist.device)
+    method.to(dist.device)
+    data = replace(spec.data, manifest=record["data"]["manifest"])
+    manifest = resolve_manifest(data)
+    b = Built(spec, method, record["model_config"], manifest, dist)
+    return _evaluate(b, model, run_dir)

@@ -1,0 +1,436 @@
+"""The one trainer: every method, one process or many, CPU or GPU.
+
+The loop asks the method for its outputs and named terms, sums the terms whose key ends in
+``_loss``, steps AdamW, and lets the method run its ``after_step``. It has no method-specific
+branch: whatever a method needs (extra parameter groups, buffers, restarts) goes through the
+method interface.
+
+Budgets are counted in samples: ``train_samples`` and ``warmup_samples`` become steps for the
+configured batch size, so a smaller batch takes more steps for the same data (the sweep's
+equal-footing rule). Derived values are computed here and recorded in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gin
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from harness import checkpoint, distributed
+from harness.data import DataConfig, prepare_batch, train_loader
+from harness.distributed import DistInfo
+from harness.manifest import Manifest
+from harness.metrics import MetricsLogger
+from methods.base import Method
+
+LR_RULES = ("none", "linear", "sqrt")
+
+
+@gin.configurable
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and budget. ``batch_size`` is global (all ranks together)."""
+
+    batch_size: int = 64
+    train_samples: int = 40_000
+    warmup_samples: int = 4_000
+    seed: int = 0
+    lr: float = 1e-3  # the learning rate at base_batch
+    lr_rule: str = "none"  # how lr scales with batch_size / base_batch: none, linear, sqrt
+    base_batch: int = 64
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip_norm: float = 0.0  # 0 disables clipping
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "fp32", "bf16"
+    log_every_steps: int = 10
+    checkpoint_every_samples: int = 20_000  # 0: only at the end (and on interrupt)
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "batch_size": self.batch_size > 0,
+            "train_samples": self.train_samples > 0,
+            "warmup_samples": self.warmup_samples >= 0,
+            "lr": self.lr > 0,
+            "base_batch": self.base_batch > 0,
+            "log_every_steps": self.log_every_steps > 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r} is out of range")
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"TrainConfig.lr_rule={self.lr_rule!r}; choose one of {LR_RULES}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"TrainConfig.precision={self.precision!r}; choose auto, fp32 or bf16")
+
+    # -- derived values (computed in code, never in gin) --------------
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.train_samples / self.batch_size)
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(self.total_steps, round(self.warmup_samples / self.batch_size))
+
+    @property
+    def scaled_lr(self) -> float:
+        ratio = self.batch_size / self.base_batch
+        factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_rule]
+        return self.lr * factor
+
+    def derived(self) -> dict[str, Any]:
+        return {
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "scaled_lr": self.scaled_lr,
+            "samples_seen": self.total_steps * self.batch_size,
+        }
+
+
+def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TrainStep(nn.Module):
+    """model + method as one module, so DDP and checkpoints see the method's own state."""
+
+    def __init__(self, model: nn.Module, method: Method):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.method.loss(self.method(self.model, batch))
+
+
+def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    losses = [v for k, v in terms.items() if k.endswith("_loss")]
+    if not losses:
+        raise ValueError(f"method returned no '*_loss' term, only {sorted(terms)}")
+    return torch.stack([v.float() for v in losses]).sum()
+
+
+def build_optimizer(
+    method: Method, model: nn.Module, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    groups = method.param_groups(model, lr=config.scaled_lr, weight_decay=config.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(
+        groups, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused
+    )
+
+    def schedule(step: int) -> float:
+        return lr_multiplier(
+            step,
+            warmup=config.warmup_steps,
+            total=config.total_steps,
+            min_ratio=config.min_lr_ratio,
+        )
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class Diverged(RuntimeError):
+    def __init__(self, step: int):
+        super().__init__(f"loss became NaN or inf at step {step}")
+        self.step = step
+
+
+class Interrupted(RuntimeError):
+    def __init__(self, step: int, signum: int):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved"
+        )
+        self.step = step
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    corrupt_samples: int = 0
+
+
+class Trainer:
+    """Owns the loop, the optimiser, logging and checkpoints of one run."""
+
+    def __init__(
+        self,
+        *,
+        method: Method,
+        model: nn.Module,
+        config: TrainConfig,
+        data_config: DataConfig,
+        manifest: Manifest,
+        run_dir: Path,
+        dist: DistInfo,
+        image_size: int,
+        context_length: int,
+    ):
+        self.method, self.model, self.config, self.dist = method, model, config, dist
+        self.run_dir = Path(run_dir)
+        self.step_module = TrainStep(model, method).to(dist.device)
+        self.train_step_fn = self.step_module
+        if dist.world_size > 1:
+            self.train_step_fn = DistributedDataParallel(
+                self.step_module,
+                device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                forward_sync_buffers=False,  # method buffers are kept in sync by the method itself
+            )
+        self.optimizer, self.scheduler = build_optimizer(method, model, config)
+        self.state = TrainState()
+        self.loader_args = dict(
+            manifest=manifest,
+            config=data_config,
+            per_rank_batch=config.batch_size // dist.world_size,
+            image_size=image_size,
+            context_length=context_length,
+            seed=config.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        self.logger = MetricsLogger(self.run_dir, enabled=dist.is_main)
+        self._stop_signal: int | None = None
+
+    # -- checkpoints --------------------------------------------------
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.state.step,
+            "samples_seen": self.state.step * self.config.batch_size,
+            "corrupt_samples": self.state.corrupt_samples,
+            "data_position": {"batches_consumed": self.state.step},
+            "rng": checkpoint.rng_state(),
+            "world_size": self.dist.world_size,
+            "batch_size": self.config.batch_size,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            checkpoint.save(checkpoint.latest(self.run_dir), self.checkpoint_payload())
+        distributed.barrier()
+
+    def resume(self, path: Path) -> None:
+        state = checkpoint.load(path, map_location=self.dist.device)
+        if state.get("batch_size") != self.config.batch_size:
+            raise checkpoint.CheckpointError(
+                f"{path}: saved with batch_size={state.get('batch_size')}, "
+                f"this run has batch_size={self.config.batch_size}"
+            )
+        checkpoint.load_state_strict(self.model, state["model"], "model")
+        checkpoint.load_state_strict(self.method, state["method"], "method state")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.state = TrainState(step=state["step"], corrupt_samples=state.get("corrupt_samples", 0))
+        checkpoint.set_rng_state(state["rng"])
+
+    # -- the loop -----------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to the budget; return a throughput summary. Raises Diverged / Interrupted."""
+        cfg = self.config
+        loader = iter(train_loader(**self.loader_args, skip_batches=self.state.step))
+        self.step_module.train()
+        meter = _Meter(self.dist.device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.dist.device)
+        ckpt_every = (
+            max(1, cfg.checkpoint_every_samples // cfg.batch_size)
+            if cfg.checkpoint_every_samples
+            else 0
+        )
+        bar = tqdm(
+            total=cfg.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+            disable=not (self.dist.is_main and cfg.progress_bar), desc=self.method.name,
+        )  # fmt: skip
+        timing = _Timing()
+        with self._signals():
+            while self.state.step < cfg.total_steps:
+                t0 = time.perf_counter()
+                batch = next(loader)
+                t_data = time.perf_counter()
+                terms = self._one_step(prepare_batch(batch, self.dist.device))
+                loss = total_loss(terms).detach()
+                # device-side NaN watch: no host sync per step; checked when we log anyway
+                bad = ~torch.isfinite(loss) & (bad_step < 0)
+                bad_step = torch.where(
+                    bad, torch.tensor(self.state.step, device=bad.device), bad_step
+                )
+                meter.add(terms, loss, int(batch["corrupt"]))
+                self.state.step += 1
+                timing.add(t_data - t0, time.perf_counter() - t0)
+                bar.update(1)
+                done = self.state.step == cfg.total_steps
+                if self.state.step % cfg.log_every_steps == 0 or done:
+                    self._log(meter, timing, bar, bad_step)
+                    if distributed.any_rank(self._stop_signal is not None):
+                        self.save_checkpoint()
+                        raise Interrupted(self.state.step, self._stop_signal or signal.SIGTERM)
+                if (ckpt_every and self.state.step % ckpt_every == 0) or done:
+                    self._check_finite(bad_step)
+                    self.save_checkpoint()
+        bar.close()
+        return timing.summary(cfg.batch_size, self.dist.device)
+
+    def _one_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with autocast(self.dist.device, self.config.precision):
+            terms = self.train_step_fn(batch)
+        loss = total_loss(terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(
+                self.step_module.parameters(), self.config.grad_clip_norm
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.method.after_step(self.model)
+        return terms
+
+    def _check_finite(self, bad_step: torch.Tensor) -> None:
+        step = int(bad_step.item())  # host sync
+        if step >= 0:
+            raise Diverged(step)
+
+    def _log(self, meter: _Meter, timing: _Timing, bar: tqdm, bad_step: torch.Tensor) -> None:
+        values = meter.flush()  # one host sync for every logged scalar
+        self.state.corrupt_samples += values.pop("corrupt_samples")
+        self._check_finite(bad_step)
+        interval = timing.flush_interval()
+        record = {
+            "samples": self.state.step * self.config.batch_size,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **values,
+            "samples_per_s": interval["samples_per_step"] * self.config.batch_size,
+            "step_time_ms": interval["step_ms"],
+            "data_wait_ms": interval["data_ms"],
+            "corrupt_samples": self.state.corrupt_samples,
+        }
+        self.logger.log(record, step=self.state.step)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT/SIGTERM ask for a clean stop: checkpoint at the next log step, then exit."""
+
+        def request_stop(signum, frame):
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+class _Meter:
+    """Sums of logged terms over a log interval, kept on the device until flushed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.corrupt = 0
+
+    def add(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, corrupt: int) -> None:
+        for key, value in {"loss": loss, **terms}.items():
+            if value.numel() != 1:
+                continue
+            value = value.detach().float().reshape(())
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+        self.corrupt += corrupt
+
+    def flush(self) -> dict[str, float]:
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).div(self.count).tolist() if keys else []
+        out = dict(zip(keys, values, strict=True))
+        out["corrupt_samples"] = self.corrupt
+        self.sums, self.count, self.corrupt = {}, 0, 0
+        return out
+
+
+class _Timing:
+    """Host-side step timing. Interval means are exact once the log step has synchronised."""
+
+    WARMUP_INTERVALS = 1  # the first logged interval (compilation, allocator warm-up) is excluded
+
+    def __init__(self):
+        self.data = 0.0
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.intervals: list[dict[str, float]] = []
+        self.total_data = 0.0
+
+    def add(self, data_s: float, step_s: float) -> None:
+        self.data += data_s
+        self.steps += 1
+
+    def flush_interval(self) -> dict[str, float]:
+        now = time.perf_counter()
+        wall = now - self.start
+        interval = {
+            "steps": self.steps,
+            "wall_s": wall,
+            "step_ms": 1000 * wall / max(1, self.steps),
+            "data_ms": 1000 * self.data / max(1, self.steps),
+            "samples_per_step": self.steps / max(wall, 1e-9),
+        }
+        self.intervals.append(interval)
+        self.start, self.data, self.steps = now, 0.0, 0
+        return interval
+
+    def summary(self, batch_size: int, device: torch.device) -> dict[str, Any]:
+        kept = self.intervals[self.WARMUP_INTERVALS :] or self.intervals
+        steps = sum(i["steps"] for i in kept)
+        wall = sum(i["wall_s"] for i in kept)
+        step_ms = sorted(i["step_ms"] for i in kept)
+        summary = {
+            "samples_per_s": batch_size * steps / max(wall, 1e-9),
+            "step_time_ms_median": step_ms[len(step_ms) // 2] if step_ms else float("nan"),
+            "data_wait_fraction": sum(i["data_ms"] * i["steps"] for i in kept)
+            / max(1e-9, 1000 * wall),
+            "measured_steps": steps,
+            "timing": "interval means between log steps (host clock, synchronised at each log)",
+        }
+        if device.type == "cuda":
+            summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            summary["memory_kind"] = "cuda max_memory_allocated"
+        else:
+            summary["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            summary["memory_kind"] = "process peak RSS"
+        return summary
+
+
+def config_record(config: TrainConfig) -> dict[str, Any]:
+    return {**asdict(config), **config.derived()}

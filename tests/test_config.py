@@ -1,0 +1,115 @@
+"""Every gin file parses; every user mistake gets one clear error before compute."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import config, models
+from harness.config import ConfigError
+from harness.distributed import DistInfo
+from harness.run import main
+from harness.train import validate
+from tests.conftest import REPO
+
+GIN_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.gin"))
+
+
+@pytest.mark.parametrize("path", GIN_FILES)
+def test_every_gin_file_parses_and_resolves(path):
+    config.parse([REPO / path])
+    spec = config.resolve()
+    models.model_config(spec.run.model)
+    import methods
+
+    methods.method_class(spec.run.method)
+
+
+def test_macros_are_overridable_from_the_command_line():
+    config.parse([REPO / "configs/smoke.gin"], ["METHOD='clip'", "BATCH_SIZE=48", "SEED=7"])
+    spec = config.resolve()
+    assert (spec.train.batch_size, spec.train.seed, spec.run.method) == (48, 7, "clip")
+
+
+def test_derived_budget_is_computed_in_code():
+    config.parse(
+        [REPO / "configs/base.gin"],
+        ["BATCH_SIZE=256", "TRAIN_SAMPLES=1000", "TrainConfig.lr_rule='linear'"],
+    )
+    train = config.resolve().train
+    assert train.total_steps == 4  # ceil(1000 / 256)
+    assert train.scaled_lr == pytest.approx(1e-3 * 256 / 64)
+
+
+def run_main(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_missing_config_file(capsys):
+    code, err = run_main(capsys, "configs/nope.gin")
+    assert code == 2 and "config file not found: configs/nope.gin" in err
+
+
+def test_malformed_gin_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("include 'configs/base.gin'\nTrainConfig.lr = [1e-3,\nTrainConfig.seed = 1\n")
+    code, err = run_main(capsys, str(bad))
+    assert code == 2 and str(bad) in err and "line 3" in err and "malformed" in err
+
+
+def test_unclosed_bracket_names_file(tmp_path, capsys):
+    bad = tmp_path / "eof.gin"
+    bad.write_text("TrainConfig.lr = (1e-3,\n")
+    code, err = run_main(capsys, str(bad))
+    assert code == 2 and str(bad) in err
+
+
+def test_unknown_binding_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "typo.gin"
+    bad.write_text("include 'configs/base.gin'\nTrainConfig.batchsize = 32\n")
+    code, err = run_main(capsys, str(bad))
+    assert code == 2 and "batchsize" in err and "line 2" in err and str(bad) in err
+
+
+def test_unknown_method_lists_registered(capsys):
+    code, err = run_main(capsys, "configs/smoke.gin", "--gin_param", "METHOD='clipp'")
+    assert code == 2 and "unknown method 'clipp'" in err and "clip" in err
+
+
+def test_unknown_model_is_named(capsys):
+    code, err = run_main(capsys, "configs/smoke.gin", "--gin_param", "MODEL='ViT-Q-99'")
+    assert code == 2 and "unknown model 'ViT-Q-99'" in err
+
+
+def test_missing_data_path(capsys, tmp_path):
+    code, err = run_main(capsys, "configs/smoke.gin", "--gin_param", f"DATA='{tmp_path}/none'")
+    assert code == 2 and "manifest not found" in err and str(tmp_path) in err
+
+
+def test_bad_value_is_named(capsys):
+    code, err = run_main(capsys, "configs/smoke.gin", "--gin_param", "TrainConfig.lr_rule='cubic'")
+    assert code == 2 and "lr_rule='cubic'" in err
+
+
+def test_batch_not_divisible_by_processes(tiny_data):
+    config.parse([REPO / "configs/smoke.gin"], [f"DATA='{tiny_data}'", "BATCH_SIZE=33"])
+    fake = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="not divisible by the number of processes"):
+        validate(config.resolve(), fake)
+
+
+def test_batch_larger_than_dataset(tiny_data):
+    config.parse([REPO / "configs/smoke.gin"], [f"DATA='{tiny_data}'", "BATCH_SIZE=512"])
+    fake = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="larger than the training split"):
+        validate(config.resolve(), fake)
+
+
+def test_config_hash_changes_with_bindings():
+    config.parse([REPO / "configs/smoke.gin"], ["SEED=1"])
+    a = config.config_hash()
+    config.parse([REPO / "configs/smoke.gin"], ["SEED=2"])
+    assert a != config.config_hash()
+    assert Path(REPO / "configs/base.gin").exists()
