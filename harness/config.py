@@ -13,7 +13,8 @@ Macros every config understands (``configs/base.gin`` defines their defaults)::
 from __future__ import annotations
 
 import hashlib
-import importlib.util  # noqa: F401 - gin 0.5.0 needs it loaded to report a missing file
+import importlib
+import importlib.util  # gin 0.5.0 needs importlib.util loaded to report a missing file
 import json
 import tokenize
 from dataclasses import asdict, dataclass
@@ -26,6 +27,8 @@ from gin import config_parser
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MACROS = ("METHOD", "BATCH_SIZE", "SEED", "TRAIN_SAMPLES", "MODEL", "DATA")
 _SEARCH_PATHS: set[Path] = set()
+# modules whose import registers gin configurables (methods registers every method)
+CONFIGURABLE_MODULES = ("harness.data", "harness.grid", "harness.trainer", "methods")
 
 
 class ConfigError(ValueError):
@@ -49,14 +52,15 @@ class EvalConfig:
     chunk_size: int = 1024  # queries scored at once; bounds memory at O(N * chunk)
     split: str = "test"
     probe_split: str = "train"
-    probe_train_samples: int = 5000  # labelled train images used to fit the probe
+    probe_train_samples: int = 2000  # labelled train images used to fit the probe
     probe_C: float = 1.0  # inverse L2 strength of the logistic regression
     probe_max_iter: int = 1000
 
 
 def import_configurables() -> None:
     """Import every module that declares configurables, so gin knows them before parsing."""
-    import methods  # noqa: F401 - registers every method
+    for name in CONFIGURABLE_MODULES:
+        importlib.import_module(name)
 
 
 @dataclass(frozen=True)

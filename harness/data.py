@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from harness.manifest import DataError, Manifest, check_shards, load_manifest
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+_UNLABELLED = object()  # a valid sample the reader was asked to pass over (not corrupt)
 
 
 @gin.configurable
@@ -161,6 +162,7 @@ class ShardStream(IterableDataset):
         epochs: int | None = None,
         skip_batches: int = 0,
         label_tasks: list[str] = (),
+        labelled_only: bool = False,
     ) -> None:
         self.shards = manifest.shard_paths(split)
         self.first_index = {
@@ -170,6 +172,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.shuffle_buffer, self.epochs, self.skip_batches = shuffle_buffer, epochs, skip_batches
         self.label_tasks = list(label_tasks)
+        self.labelled_only = labelled_only  # skip, before decoding, samples with no task label
         self.broken = 0  # tar-level errors seen by this reader (per worker copy)
         self.image_size = image_size
         self.augment = train and augment == "open_clip"
@@ -249,6 +252,8 @@ class ShardStream(IterableDataset):
             meta = sample_meta(sample)
             if not meta["captions"]:
                 return None
+            if self.labelled_only and not any(t in meta["labels"] for t in self.label_tasks):
+                return _UNLABELLED
             image = decode_image(sample)
         except Exception:  # a broken sample must not stop a run: counted and skipped
             return None
@@ -294,6 +299,8 @@ class ShardStream(IterableDataset):
         corrupt = 0
         for sample in raw:
             item = self._decode(sample)
+            if item is _UNLABELLED:
+                continue
             if item is None:
                 corrupt += 1
                 continue
@@ -369,6 +376,7 @@ def eval_loader(
     image_size: int,
     context_length: int,
     num_workers: int = 1,
+    labelled_only: bool = False,
 ) -> DataLoader:
     """Every sample of ``split`` once, in shard order, with all captions and labels."""
     stream = ShardStream(
@@ -381,5 +389,6 @@ def eval_loader(
         num_workers=1,
         epochs=1,
         label_tasks=[t.name for t in manifest.label_tasks],
+        labelled_only=labelled_only,
     )
     return make_loader(stream, min(num_workers, 1))

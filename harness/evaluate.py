@@ -128,14 +128,22 @@ class _Embedded:
     labels: torch.Tensor
 
 
+def _probe_features(method, model, images, embedding=None) -> torch.Tensor:
+    features = method.probe_features(model, images)
+    if features is None:
+        features = embedding if embedding is not None else method.embed_images(model, images)
+    return features.float().cpu()
+
+
 @torch.no_grad()
 def _embed_split(method, model, loader, device, with_text: bool) -> _Embedded:
     images, texts, owners, probes, labels = [], [], [], [], []
     offset = 0
     for batch in loader:
         batch = prepare_batch(batch, device)
-        images.append(method.embed_images(model, batch["image"]).float().cpu())
-        probes.append(method.probe_features(model, batch["image"]).float().cpu())
+        image = method.embed_images(model, batch["image"]).float().cpu()
+        images.append(image)
+        probes.append(_probe_features(method, model, batch["image"], image))
         if with_text:
             texts.append(method.embed_texts(model, batch["text"]).float().cpu())
         owners.append(batch["caption_owner"].cpu() + offset)
@@ -156,12 +164,12 @@ def _probe_train_features(method, model, manifest, config, loader_kwargs, device
     want = config.probe_train_samples
     feats, labels = [], []
     have = 0
-    for batch in eval_loader(manifest, config.probe_split, **loader_kwargs):
+    for batch in eval_loader(manifest, config.probe_split, labelled_only=True, **loader_kwargs):
         keep = (batch["labels"] >= 0).any(1)
         if not keep.any():
             continue
         image = prepare_batch({"image": batch["image"][keep]}, device)["image"]
-        feats.append(method.probe_features(model, image).float().cpu())
+        feats.append(_probe_features(method, model, image))
         labels.append(batch["labels"][keep])
         have += int(keep.sum())
         if have >= want:
@@ -199,7 +207,9 @@ def evaluate(
     if with_text:
         i2t, t2i = retrieval_ranks(test.image, test.text, test.owner, chunk_size=config.chunk_size)
         metrics.update(retrieval_metrics(i2t, t2i))
-        per_query.update(i2t_rank=i2t.tolist(), t2i_rank=t2i.tolist())
+        per_query.update(
+            i2t_rank=i2t.tolist(), t2i_rank=t2i.tolist(), caption_owner=test.owner.tolist()
+        )
         zs = _zero_shot(method, model, manifest, test, tokenize, device)
         metrics.update(zs[0])
         per_query.update(zs[1])

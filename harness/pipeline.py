@@ -5,20 +5,31 @@ several (superclass: classification then LiT; siclip: teacher then student) gets
 sub-folder per stage, and ``stages.json`` lists them; the last stage is the method's result.
 A stage's ``inputs`` are bound, as gin parameters, to the run directories of earlier stages.
 A ``shared`` stage lives under ``shared_root`` named by its config hash, so every run that
-needs an identical one (a teacher, say) reuses it instead of training it again.
+needs an identical one (a teacher, say) reuses it instead of training it again; a file lock
+keeps two concurrent runs from training the same shared stage twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from dataclasses import dataclass
 from pathlib import Path
 
-from harness import config, models, rundir
+from harness import config, models
 from harness.manifest import write_json_atomic
 from harness.train import run_one
-from methods import RunInfo, build_method
+from methods import RunInfo, Stage, build_method
 
 
-def plan_stages(config_files: list[str | Path], bindings: list[str]):
+@dataclass(frozen=True)
+class StageRun:
+    stage: Stage
+    bindings: list[str]  # the run's bindings plus this stage's
+    run_dir: Path
+
+
+def plan_stages(config_files: list[str | Path], bindings: list[str]) -> list[Stage]:
     config.parse(config_files, bindings)
     spec = config.resolve()
     method = build_method(spec.run.method)
@@ -27,18 +38,63 @@ def plan_stages(config_files: list[str | Path], bindings: list[str]):
         train_samples=spec.train.train_samples,
         model=spec.run.model,
     )
-    return spec, method.stages(info)
+    return method.stages(info)
 
 
-def stage_bindings(stage, done: dict[str, Path]) -> list[str]:
-    extra = list(stage.bindings)
-    for param, source in stage.inputs.items():
-        if source not in done:
-            raise config.ConfigError(
-                f"stage {stage.name!r} needs stage {source!r}, which comes later"
-            )
-        extra.append(f"{param} = '{done[source]}'")
-    return extra
+def default_out(config_files: list[str | Path], bindings: list[str]) -> Path:
+    config.parse(config_files, bindings)
+    spec = config.resolve()
+    digest = config.config_hash(models.model_config(spec.run.model))
+    return Path("runs") / f"{spec.run.method}-b{spec.train.batch_size}-s{spec.train.seed}-{digest}"
+
+
+def plan_runs(
+    config_files: list[str | Path],
+    bindings: list[str],
+    *,
+    out: Path,
+    shared_root: Path | None = None,
+) -> list[StageRun]:
+    """Every stage with its bindings and run directory, without running anything."""
+    stages = plan_stages(config_files, bindings)
+    if (
+        len(stages) == 1
+        and not stages[0].bindings
+        and not stages[0].shared
+        and not stages[0].inputs
+    ):
+        return [StageRun(stages[0], list(bindings), out)]
+    shared_root = shared_root or out.parent / "shared"
+    runs: list[StageRun] = []
+    done = {}
+    for stage in stages:
+        extra = list(stage.bindings)
+        for param, source in stage.inputs.items():
+            if source not in done:
+                raise config.ConfigError(
+                    f"stage {stage.name!r} needs stage {source!r}, which comes later"
+                )
+            extra.append(f"{param} = '{done[source]}'")
+        stage_bindings = [*bindings, *extra]
+        if stage.shared:
+            config.parse(config_files, stage_bindings)
+            run_dir = shared_root / f"{stage.name}-{config.config_hash()}"
+        else:
+            run_dir = out / stage.name
+        done[stage.name] = run_dir
+        runs.append(StageRun(stage, stage_bindings, run_dir))
+    return runs
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_pipeline(
@@ -48,31 +104,35 @@ def run_pipeline(
     out: Path | None,
     resume: bool = False,
     shared_root: Path | None = None,
+    until: str | None = None,
 ) -> Path:
-    """Run every stage of the configured method; returns the final stage's run directory."""
-    spec, stages = plan_stages(config_files, bindings)
-    if len(stages) == 1 and not stages[0].bindings and not stages[0].shared:
-        config.parse(config_files, bindings)
-        return run_one(out, resume=resume)
-    if out is None:
-        out = Path("runs") / f"{spec.run.method}-b{spec.train.batch_size}-s{spec.train.seed}-" \
-            f"{config.config_hash(models.model_config(spec.run.model))}"  # fmt: skip
-    shared_root = shared_root or out.parent / "shared"
-    done: dict[str, Path] = {}
-    for stage in stages:
-        extra = stage_bindings(stage, done)
-        config.parse(config_files, [*bindings, *extra])
-        if stage.shared:
-            stage_dir = shared_root / f"{stage.name}-{config.config_hash()}"
-        else:
-            stage_dir = out / stage.name
-        done[stage.name] = run_one(stage_dir, resume=resume or rundir.is_finished(stage_dir))
-    write_json_atomic(
-        out / "stages.json",
-        {
-            "stages": [
-                {"name": s.name, "run_dir": str(done[s.name]), "shared": s.shared} for s in stages
-            ]
-        },
-    )
-    return done[stages[-1].name]
+    """Run the configured method's stages (up to ``until``); returns the last run directory."""
+    out = out or default_out(config_files, bindings)
+    runs = plan_runs(config_files, bindings, out=out, shared_root=shared_root)
+    if until is not None and until not in [r.stage.name for r in runs]:
+        raise config.ConfigError(
+            f"no stage {until!r}; this method's stages: {[r.stage.name for r in runs]}"
+        )
+    if len(runs) > 1:
+        write_json_atomic(
+            out / "stages.json",
+            {
+                "stages": [
+                    {"name": r.stage.name, "run_dir": str(r.run_dir), "shared": r.stage.shared}
+                    for r in runs
+                ]
+            },
+        )
+    for run in runs:
+        config.parse(config_files, run.bindings)
+        guard = (
+            _lock(run.run_dir.with_suffix(".lock"))
+            if run.stage.shared
+            else contextlib.nullcontext()
+        )
+        with guard:
+            # a shared stage is a cache: finish or reuse it whatever the caller asked
+            run_one(run.run_dir, resume=resume or run.stage.shared)
+        if run.stage.name == until:
+            return run.run_dir
+    return runs[-1].run_dir

@@ -35,15 +35,25 @@ from harness.metrics import MetricsLogger
 from methods.base import Method
 
 LR_RULES = ("none", "linear", "sqrt")
+BUDGETS = ("samples", "steps", "wallclock")
 
 
 @gin.configurable
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and budget. ``batch_size`` is global (all ranks together)."""
+    """Optimisation and budget. ``batch_size`` is global (all ranks together).
+
+    Budgets: ``samples`` (default) trains ceil(train_samples / batch_size) steps, so every batch
+    size sees the same data; ``steps`` trains ``train_steps`` steps whatever the batch; and
+    ``wallclock`` trains for ``train_seconds`` (capped at the samples budget), with the cosine
+    schedule following elapsed time. Warmup is always counted in samples.
+    """
 
     batch_size: int = 64
     train_samples: int = 40_000
+    budget: str = "samples"
+    train_steps: int = 0  # budget="steps"
+    train_seconds: float = 0.0  # budget="wallclock"
     warmup_samples: int = 4_000
     seed: int = 0
     lr: float = 1e-3  # the learning rate at base_batch
@@ -72,6 +82,12 @@ class TrainConfig:
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r} is out of range")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"TrainConfig.budget={self.budget!r}; choose one of {BUDGETS}")
+        if self.budget == "steps" and self.train_steps <= 0:
+            raise ValueError("TrainConfig.budget='steps' needs TrainConfig.train_steps > 0")
+        if self.budget == "wallclock" and self.train_seconds <= 0:
+            raise ValueError("TrainConfig.budget='wallclock' needs TrainConfig.train_seconds > 0")
         if self.lr_rule not in LR_RULES:
             raise ValueError(f"TrainConfig.lr_rule={self.lr_rule!r}; choose one of {LR_RULES}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -80,6 +96,9 @@ class TrainConfig:
     # -- derived values (computed in code, never in gin) --------------
     @property
     def total_steps(self) -> int:
+        """Steps to train (for ``wallclock``: the cap; time usually ends the run first)."""
+        if self.budget == "steps":
+            return self.train_steps
         return math.ceil(self.train_samples / self.batch_size)
 
     @property
@@ -101,12 +120,34 @@ class TrainConfig:
         }
 
 
-def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine to ``min_ratio`` at ``total``."""
+def lr_multiplier(
+    step: int, *, warmup: int, total: int, min_ratio: float, progress: float | None = None
+) -> float:
+    """Linear warmup to 1, then cosine to ``min_ratio`` at the end of the budget.
+
+    ``progress`` (fraction of the budget used, for time budgets) overrides the step-based one.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class BudgetClock:
+    """Training time used so far, across resumes (for the wall-clock budget)."""
+
+    def __init__(self, seconds: float = 0.0, used: float = 0.0):
+        self.seconds, self.used, self._since = seconds, used, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.used + time.perf_counter() - self._since
+
+    def restore(self, used: float) -> None:
+        self.used, self._since = used, time.perf_counter()
+
+    def fraction(self) -> float | None:
+        return min(1.0, self.elapsed() / self.seconds) if self.seconds > 0 else None
 
 
 class TrainStep(nn.Module):
@@ -129,7 +170,7 @@ def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def build_optimizer(
-    method: Method, model: nn.Module, config: TrainConfig
+    method: Method, model: nn.Module, config: TrainConfig, clock: BudgetClock | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     groups = method.param_groups(model, lr=config.scaled_lr, weight_decay=config.weight_decay)
     params = [p for g in groups for p in g["params"]]
@@ -202,7 +243,9 @@ class Trainer:
                 device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                 forward_sync_buffers=False,  # method buffers are kept in sync by the method itself
             )
-        self.optimizer, self.scheduler = build_optimizer(method, model, config)
+        seconds = config.train_seconds if config.budget == "wallclock" else 0.0
+        self.clock = BudgetClock(seconds)
+        self.optimizer, self.scheduler = build_optimizer(method, model, config, self.clock)
         self.state = TrainState()
         self.loader_args = dict(
             manifest=manifest,
@@ -228,6 +271,7 @@ class Trainer:
             "samples_seen": self.state.step * self.config.batch_size,
             "corrupt_samples": self.state.corrupt_samples,
             "data_position": {"batches_consumed": self.state.step},
+            "train_seconds_used": self.clock.elapsed(),
             "rng": checkpoint.rng_state(),
             "world_size": self.dist.world_size,
             "batch_size": self.config.batch_size,
@@ -250,6 +294,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(step=state["step"], corrupt_samples=state.get("corrupt_samples", 0))
+        self.clock.restore(state.get("train_seconds_used", 0.0))
         checkpoint.set_rng_state(state["rng"])
 
     # -- the loop -----------------------------------------------------
@@ -292,9 +337,13 @@ class Trainer:
                     if distributed.any_rank(self._stop_signal is not None):
                         self.save_checkpoint()
                         raise Interrupted(self.state.step, self._stop_signal or signal.SIGTERM)
+                    if self.clock.seconds and not done:  # all ranks agree when time is up
+                        done = distributed.any_rank(self.clock.elapsed() >= self.clock.seconds)
                 if (ckpt_every and self.state.step % ckpt_every == 0) or done:
                     self._check_finite(bad_step)
                     self.save_checkpoint()
+                if done:
+                    break
         bar.close()
         return timing.summary(cfg.batch_size, self.dist.device)
 

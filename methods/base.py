@@ -102,9 +102,10 @@ class Method(nn.Module):
         """False for image-only models: the evaluator then skips retrieval and zero-shot."""
         return hasattr(model, "encode_text")
 
-    def probe_features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Frozen image features for the linear probe (default: the retrieval embedding)."""
-        return self.embed_images(model, images)
+    def probe_features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+        """Frozen image features for the linear probe; None means the retrieval embedding
+        (which the evaluator has computed already, so nothing runs twice)."""
+        return None
 
 
 # ---------------------------------------------------------------- shared helpers

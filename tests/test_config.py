@@ -25,6 +25,16 @@ def test_every_gin_file_parses_and_resolves(path):
     methods.method_class(spec.run.method)
 
 
+def test_parsing_needs_no_prior_imports():
+    """config.parse alone must know every configurable (a fresh interpreter proves it)."""
+    import subprocess
+    import sys
+
+    code = "from harness import config; config.parse(['configs/base.gin']); config.resolve()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-1500:]
+
+
 def test_macros_are_overridable_from_the_command_line():
     config.parse([REPO / "configs/smoke.gin"], ["METHOD='clip'", "BATCH_SIZE=48", "SEED=7"])
     spec = config.resolve()

@@ -15,7 +15,10 @@ def setup_commands():
 def test_readme_opens_with_exactly_two_setup_commands():
     assert README.index("```bash") < 200
     install_and_run, install_and_test = setup_commands()
-    assert "pip install" in install_and_run and "harness.run configs/batch_sweep.gin" in install_and_run
+    assert (
+        "pip install" in install_and_run
+        and "harness.run configs/batch_sweep.gin" in install_and_run
+    )
     assert "pip install" in install_and_test and "pytest" in install_and_test
 
 

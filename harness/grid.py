@@ -1,0 +1,279 @@
+"""Sweeps: expand a gin grid, validate every cell, run the cells, write the report.
+
+A grid file binds ``Grid.axes`` to a mapping of axis -> literal values. An axis is a macro
+(``METHOD``, ``BATCH_SIZE``, ``SEED``...) or any gin parameter (``TrainConfig.lr_rule``). The
+product of the axes gives the cells; each cell is the base config plus one binding per axis.
+
+    SWEEP_DIR/
+      sweep.json                  axes, cells (values, bindings, directory), launcher
+      cells/<values>__<hash>/     one run directory per cell (or its stage directories)
+      shared/<stage>-<hash>/      stages shared between cells (a siclip teacher)
+      REPORT.md, plots/           written at the end by ``python -m reports SWEEP_DIR``
+
+Every cell is validated before the first one starts. Cells run in sequence, each in its own
+process (``python -m harness.run`` or ``torchrun``), so a crash, NaN or out-of-memory error in one
+cell is recorded in that cell's ``status.json`` and the sweep goes on. A rerun skips finished
+cells and resumes an interrupted one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gin
+
+from harness import config, models, rundir
+from harness.config import ConfigError
+from harness.manifest import write_json_atomic
+
+LAUNCHERS = ("local", "slurm")
+
+
+@gin.configurable
+@dataclass(frozen=True)
+class Grid:
+    """Axes to sweep and how to launch the cells."""
+
+    axes: dict[str, list] = field(default_factory=dict)
+    launcher: str = "local"  # local | slurm (writes sbatch scripts, runs nothing)
+    nproc_per_node: int = 1  # processes per node for each cell (>1: torchrun)
+    nodes: int = 1  # SLURM only: nodes per cell
+    slurm_partition: str | None = None
+    slurm_time: str = "04:00:00"
+    slurm_gpus_per_node: int = 0
+    slurm_cpus_per_task: int = 8
+    report: bool = True  # write REPORT.md when the sweep ends
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"Grid.launcher={self.launcher!r}; choose one of {LAUNCHERS}")
+        for axis, values in self.axes.items():
+            if not isinstance(values, list | tuple) or not values:
+                raise ValueError(f"Grid.axes[{axis!r}] must be a non-empty list of values")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nodes
+
+
+def configured_grid() -> Grid | None:
+    """The parsed config's grid, or None when the config is a single run."""
+    try:
+        axes = gin.query_parameter("Grid.axes")
+    except ValueError:
+        return None
+    if not axes:
+        return None
+    try:
+        return Grid()
+    except ValueError as e:
+        raise ConfigError(str(e).split("\n  In call to configurable")[0]) from None
+
+
+@dataclass(frozen=True)
+class Cell:
+    values: dict[str, Any]
+    bindings: list[str]
+    name: str
+    config_hash: str
+
+    def directory(self, sweep_dir: Path) -> Path:
+        return sweep_dir / "cells" / self.name
+
+
+def _short(axis: str) -> str:
+    return axis.rsplit(".", 1)[-1].lower()
+
+
+def _value_text(value: Any) -> str:
+    return str(value).replace("/", "_").replace(" ", "")
+
+
+def expand(grid: Grid) -> list[tuple[dict[str, Any], list[str]]]:
+    """The product of the axes: (values, gin bindings) per cell, in a stable order."""
+    names = list(grid.axes)
+    cells = []
+    for combo in itertools.product(*(grid.axes[n] for n in names)):
+        values = dict(zip(names, combo, strict=True))
+        cells.append((values, [f"{axis} = {value!r}" for axis, value in values.items()]))
+    return cells
+
+
+def plan_cells(config_files: list[Path], bindings: list[str], grid: Grid) -> list[Cell]:
+    """Parse and validate every cell before any compute; one clear error names the bad cell."""
+    from harness.data import resolve_manifest
+    from methods import RunInfo, build_method
+
+    cells, manifests = [], {}
+    for values, cell_bindings in expand(grid):
+        label = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        try:
+            config.parse(config_files, [*bindings, *cell_bindings])
+            spec = config.resolve()
+            method = build_method(spec.run.method)
+            model_cfg = models.model_config(spec.run.model)
+            _check_batch(spec, grid)
+            key = spec.data.manifest
+            if key not in manifests:
+                manifests[key] = resolve_manifest(spec.data)
+            if spec.train.batch_size > manifests[key].split("train").num_samples:
+                raise ConfigError(
+                    f"BATCH_SIZE={spec.train.batch_size} is larger than the training split"
+                )
+            method.stages(RunInfo(spec.train.batch_size, spec.train.train_samples, spec.run.model))
+        except (ConfigError, ValueError) as e:
+            raise ConfigError(f"grid cell ({label}): {e}") from None
+        digest = config.config_hash(model_cfg)
+        name = "__".join(f"{_short(k)}={_value_text(v)}" for k, v in values.items()) + f"__{digest}"
+        cells.append(Cell(values=values, bindings=cell_bindings, name=name, config_hash=digest))
+    return cells
+
+
+def _check_batch(spec, grid: Grid) -> None:
+    if spec.train.batch_size % grid.world_size:
+        raise ConfigError(
+            f"BATCH_SIZE={spec.train.batch_size} is not divisible by the number of processes "
+            f"({grid.world_size})"
+        )
+
+
+# ---------------------------------------------------------------- running
+
+
+def final_run_dir(cell_dir: Path) -> Path:
+    """The run directory holding a cell's result: its last stage for multi-stage methods."""
+    stages = rundir.read_json(cell_dir / "stages.json")
+    if stages and stages.get("stages"):
+        return Path(stages["stages"][-1]["run_dir"])
+    return cell_dir
+
+
+def cell_command(
+    config_file: Path, bindings: list[str], cell: Cell, cell_dir: Path, grid: Grid
+) -> list[str]:
+    """The command that runs one cell (all of its stages); it resumes a checkpoint if present."""
+    if grid.nproc_per_node > 1:
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={grid.nproc_per_node}",
+            "-m",
+        ]
+    else:
+        launch = [sys.executable, "-m"]
+    args = ["harness.run", str(config_file), "--cell", "--resume", "--out", str(cell_dir)]
+    for binding in [*bindings, *cell.bindings]:
+        args += ["--gin_param", binding]
+    return launch + args
+
+
+def run_local(
+    config_file: Path, bindings: list[str], cells: list[Cell], grid: Grid, sweep_dir: Path
+) -> dict[str, str]:
+    """Run the cells one after another; returns cell name -> final status."""
+    results = {}
+    for k, cell in enumerate(cells, 1):
+        cell_dir = cell.directory(sweep_dir)
+        if rundir.is_finished(final_run_dir(cell_dir)):
+            print(f"[{k}/{len(cells)}] {cell.name}: finished earlier, skipped")
+            results[cell.name] = rundir.FINISHED
+            continue
+        print(f"[{k}/{len(cells)}] {cell.name}: running", flush=True)
+        results[cell.name] = _run_cell(
+            cell_command(config_file, bindings, cell, cell_dir, grid), cell_dir
+        )
+        print(f"[{k}/{len(cells)}] {cell.name}: {results[cell.name]}", flush=True)
+    return results
+
+
+def _run_cell(command: list[str], cell_dir: Path) -> str:
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    log_path = cell_dir / "log.txt"
+    start = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        code = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=config.REPO_ROOT
+        ).returncode
+    status = rundir.read_status(final_run_dir(cell_dir)) or {}
+    if code == 0 and status.get("status") == rundir.FINISHED:
+        return rundir.FINISHED
+    if status.get("status") in (None, "running", rundir.FINISHED):
+        # the process died without saying why (killed, crashed before training, ...)
+        reason = f"exit code {code}" + (" (killed by a signal: out of memory?)" if code < 0 else "")
+        tail = log_path.read_text().splitlines()[-20:]
+        rundir.write_status(final_run_dir(cell_dir), "failed", reason=reason, log_tail=tail,
+                            seconds=round(time.time() - start, 1))  # fmt: skip
+        return "failed"
+    return status["status"]
+
+
+def write_sweep_record(
+    sweep_dir: Path, config_files: list[Path], bindings: list[str], grid: Grid, cells: list[Cell]
+) -> None:
+    record = {
+        "config_files": [str(p) for p in config_files],
+        "bindings": list(bindings),
+        "axes": {k: list(v) for k, v in grid.axes.items()},
+        "launcher": grid.launcher,
+        "world_size": grid.world_size,
+        "cells": [
+            {
+                "name": c.name,
+                "values": c.values,
+                "bindings": c.bindings,
+                "dir": str(c.directory(sweep_dir)),
+                "config_hash": c.config_hash,
+            }
+            for c in cells
+        ],
+        "git_commit": rundir.git_commit(),
+        "packages": rundir.package_versions(),
+    }
+    write_json_atomic(sweep_dir / "sweep.json", record)
+
+
+def run_sweep(config_file: Path, bindings: list[str], grid: Grid, *, out: Path | None) -> Path:
+    """Plan, validate, run (or, for SLURM, write scripts for) every cell; then the report."""
+    sweep_dir = out or Path("sweeps") / Path(config_file).stem
+    cells = plan_cells([config_file], bindings, grid)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_sweep_record(sweep_dir, [config_file], bindings, grid, cells)
+    print(
+        f"sweep {sweep_dir}: {len(cells)} cells ({' x '.join(f'{len(v)} {k}' for k, v in grid.axes.items())})"
+    )
+    if grid.launcher == "slurm":
+        from harness.slurm import write_slurm
+
+        script = write_slurm(config_file, bindings, cells, grid, sweep_dir)
+        print(f"wrote {script}; submit with: bash {script.parent / 'submit.sh'}")
+        return sweep_dir
+    started = time.time()
+    results = run_local(config_file, bindings, cells, grid, sweep_dir)
+    summary = {name: status for name, status in results.items()}
+    write_json_atomic(
+        sweep_dir / "results.json", {"status": summary, "seconds": round(time.time() - started, 1)}
+    )
+    failed = [n for n, s in summary.items() if s != rundir.FINISHED]
+    print(
+        f"sweep finished in {time.time() - started:.0f} s: {len(cells) - len(failed)} finished, {len(failed)} not"
+    )
+    if grid.report:
+        from reports import build_report
+
+        print(f"report: {build_report(sweep_dir)}")
+    return sweep_dir
+
+
+def describe(cells: list[Cell]) -> str:
+    return json.dumps([c.values for c in cells])

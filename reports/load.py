@@ -1,0 +1,120 @@
+"""Read a sweep directory into plain records. Files only: this package never imports harness."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class Stage:
+    name: str
+    run_dir: Path
+    shared: bool
+    run: dict = field(default_factory=dict)
+    status: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    costs: dict = field(default_factory=dict)
+    throughput: dict = field(default_factory=dict)
+
+    @property
+    def samples_seen(self) -> int:
+        batch = self.run.get("train", {}).get("batch_size", 0)
+        return int(self.status.get("step", 0)) * int(batch)
+
+
+@dataclass
+class CellResult:
+    name: str
+    values: dict[str, Any]
+    method: str
+    batch: int
+    seed: int
+    stages: list[Stage]
+    per_query: dict = field(default_factory=dict)
+
+    @property
+    def final(self) -> Stage:
+        return self.stages[-1]
+
+    @property
+    def status(self) -> str:
+        return self.final.status.get("status", "missing")
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished" and bool(self.final.metrics)
+
+
+@dataclass
+class Sweep:
+    directory: Path
+    record: dict
+    cells: list[CellResult]
+
+    @property
+    def methods(self) -> list[str]:
+        axis = self.record.get("axes", {}).get("METHOD")
+        seen = axis or []
+        return list(dict.fromkeys([*seen, *(c.method for c in self.cells)]))
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted({c.batch for c in self.cells})
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({c.seed for c in self.cells})
+
+
+def load_stage(name: str, run_dir: Path, shared: bool) -> Stage:
+    return Stage(
+        name=name,
+        run_dir=run_dir,
+        shared=shared,
+        run=read_json(run_dir / "run.json") or {},
+        status=read_json(run_dir / "status.json") or {},
+        metrics=read_json(run_dir / "eval.json") or {},
+        costs=read_json(run_dir / "costs.json") or {},
+        throughput=read_json(run_dir / "throughput.json") or {},
+    )
+
+
+def load_cell(entry: dict) -> CellResult:
+    cell_dir = Path(entry["dir"])
+    listed = (read_json(cell_dir / "stages.json") or {}).get("stages")
+    if listed:
+        stages = [load_stage(s["name"], Path(s["run_dir"]), s.get("shared", False)) for s in listed]
+    else:
+        stages = [load_stage("main", cell_dir, False)]
+    values = entry.get("values", {})
+    final = stages[-1]
+    train = final.run.get("train", {})
+    return CellResult(
+        name=entry["name"],
+        values=values,
+        method=final.run.get("method", values.get("METHOD", "?")),
+        batch=int(train.get("batch_size", values.get("BATCH_SIZE", 0))),
+        seed=int(train.get("seed", values.get("SEED", 0))),
+        stages=stages,
+        per_query=read_json(final.run_dir / "eval_ranks.json") or {},
+    )
+
+
+def load_sweep(directory: str | Path) -> Sweep:
+    directory = Path(directory)
+    record = read_json(directory / "sweep.json")
+    if record is None:
+        raise FileNotFoundError(
+            f"{directory / 'sweep.json'} not found: is {directory} a sweep directory?"
+        )
+    return Sweep(directory=directory, record=record, cells=[load_cell(c) for c in record["cells"]])

@@ -1,0 +1,186 @@
+"""Statistics for the report: CIs across seeds, cluster bootstrap over test queries, paired
+comparisons, and the batch-sensitivity slope. Pure functions of numbers.
+
+Across seeds (n >= 2): mean with a Student-t 95% interval; paired differences against clip use
+scipy's paired t-test. With one seed the test set is the only source of variation: test images
+are resampled with replacement (all captions of a drawn image come along, so the five captions
+of an image are not treated as independent queries), B times with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    mean: float
+    low: float
+    high: float
+    n: int
+    how: str  # "t" (across seeds), "bootstrap" (over test images) or "single"
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def t_interval(values: Sequence[float]) -> Estimate:
+    """Mean and Student-t 95% confidence interval across seeds."""
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return Estimate(mean, mean, mean, len(x), "single")
+    sem = float(x.std(ddof=1) / math.sqrt(len(x)))
+    if sem == 0:
+        return Estimate(mean, mean, mean, len(x), "t")
+    low, high = stats.t.interval(CONFIDENCE, len(x) - 1, loc=mean, scale=sem)
+    return Estimate(mean, float(low), float(high), len(x), "t")
+
+
+# ---------------------------------------------------------------- per-query data
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Per-query results of one run, grouped by test image for the cluster bootstrap."""
+
+    i2t_rank: np.ndarray  # one per test image
+    t2i_rank: np.ndarray  # one per caption
+    caption_owner: np.ndarray  # image index of each caption
+    correct: dict[str, np.ndarray]  # per labelled image, e.g. "zeroshot_shape"
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Queries:
+        correct = {
+            k[: -len("_correct")]: np.asarray(v) for k, v in raw.items() if k.endswith("_correct")
+        }
+        return cls(
+            i2t_rank=np.asarray(raw.get("i2t_rank", []), dtype=int),
+            t2i_rank=np.asarray(raw.get("t2i_rank", []), dtype=int),
+            caption_owner=np.asarray(raw.get("caption_owner", []), dtype=int),
+            correct=correct,
+        )
+
+
+def metric_from_queries(name: str) -> Callable[[Queries, np.ndarray], float] | None:
+    """A function (queries, resampled image ids) -> metric, for the metrics that have one."""
+    for direction in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            if name == f"{direction}_r{k}":
+                return _recall(direction, k)
+    if name == "mean_r1":
+        i2t, t2i = _recall("i2t", 1), _recall("t2i", 1)
+        return lambda q, ids: 0.5 * (i2t(q, ids) + t2i(q, ids))
+    for prefix in ("zeroshot_", "linprobe_"):
+        if name.startswith(prefix) and name.endswith("_top1") and not name.endswith("mean_top1"):
+            key = name[: -len("_top1")]
+            return lambda q, ids, key=key: 100.0 * float(q.correct[key][ids].mean())
+    return None
+
+
+def _recall(direction: str, k: int) -> Callable[[Queries, np.ndarray], float]:
+    def recall(q: Queries, ids: np.ndarray) -> float:
+        if direction == "i2t":
+            return 100.0 * float((q.i2t_rank[ids] < k).mean())
+        # every caption of every drawn image (with multiplicity)
+        counts = np.bincount(ids, minlength=len(q.i2t_rank))
+        hits = np.bincount(q.caption_owner, weights=(q.t2i_rank < k), minlength=len(q.i2t_rank))
+        per_image = np.bincount(q.caption_owner, minlength=len(q.i2t_rank))
+        return 100.0 * float((counts * hits).sum() / (counts * per_image).sum())
+
+    return recall
+
+
+def _resamples(n: int) -> np.ndarray:
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    return rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
+
+
+def bootstrap(q: Queries, name: str) -> Estimate | None:
+    """Percentile bootstrap 95% CI of one run's metric over test images."""
+    fn = metric_from_queries(name)
+    n = _population(q, name)
+    if fn is None or n == 0:
+        return None
+    full = fn(q, np.arange(n))
+    draws = np.array([fn(q, ids) for ids in _resamples(n)])
+    low, high = np.percentile(draws, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    return Estimate(full, float(low), float(high), 1, "bootstrap")
+
+
+def _population(q: Queries, name: str) -> int:
+    if name.startswith(("zeroshot_", "linprobe_")):
+        key = name[: -len("_top1")]
+        return len(q.correct.get(key, []))
+    return len(q.i2t_rank)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    diff: float
+    low: float
+    high: float
+    p_value: float
+    n: int
+    how: str  # "paired t across seeds" or "paired bootstrap over test images"
+
+
+def paired_seeds(method: Sequence[float], baseline: Sequence[float]) -> Comparison | None:
+    """Paired t-test across seeds of method - baseline (same batch, same seeds)."""
+    a, b = np.asarray(method, float), np.asarray(baseline, float)
+    if len(a) < 2:
+        return None
+    d = a - b
+    est = t_interval(d)
+    p = (
+        float(stats.ttest_rel(a, b).pvalue)
+        if d.std(ddof=1) > 0
+        else (0.0 if d.mean() != 0 else 1.0)
+    )
+    return Comparison(float(d.mean()), est.low, est.high, p, len(d), "paired t across seeds")
+
+
+def paired_bootstrap(method: Queries, baseline: Queries, name: str) -> Comparison | None:
+    """Difference on the same resampled test images; two-sided percentile-bootstrap p-value."""
+    fn = metric_from_queries(name)
+    n = _population(method, name)
+    if fn is None or n == 0 or n != _population(baseline, name):
+        return None
+    observed = fn(method, np.arange(n)) - fn(baseline, np.arange(n))
+    draws = np.array([fn(method, ids) - fn(baseline, ids) for ids in _resamples(n)])
+    low, high = np.percentile(draws, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    p = min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean()))
+    return Comparison(
+        float(observed), float(low), float(high), float(p), 1, "paired bootstrap over test images"
+    )
+
+
+@dataclass(frozen=True)
+class Slope:
+    slope: float  # metric change per doubling of the batch
+    low: float
+    high: float
+    points: int
+
+
+def batch_slope(batches: Sequence[int], values: Sequence[float]) -> Slope | None:
+    """Least-squares slope of the metric against log2(batch) with a 95% t interval."""
+    x = np.log2(np.asarray(batches, float))
+    y = np.asarray(values, float)
+    if len(set(x.tolist())) < 2:
+        return None
+    fit = stats.linregress(x, y)
+    if len(x) < 3:
+        return Slope(float(fit.slope), float("nan"), float("nan"), len(x))
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(x) - 2) * fit.stderr
+    return Slope(float(fit.slope), float(fit.slope - half), float(fit.slope + half), len(x))

@@ -1,0 +1,190 @@
+"""Sweeps: expansion and up-front validation, kill-and-rerun, failed cells, the SLURM script."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import config
+from harness.config import ConfigError
+from harness.grid import Grid, configured_grid, expand, plan_cells
+from tests.conftest import REPO, run_cli
+
+
+def write_grid(tmp_path, axes: str, extra: str = "", name: str = "sweep.gin"):
+    path = tmp_path / name
+    path.write_text(
+        "include 'configs/base.gin'\n"
+        "MODEL = 'micro-vit'\nTRAIN_SAMPLES = 320\nTrainConfig.warmup_samples = 32\n"
+        "TrainConfig.progress_bar = False\nEvalConfig.probe_train_samples = 100\n"
+        f"Grid.report = False\n{extra}\nGrid.axes = {axes}\n"
+    )
+    return path
+
+
+def planned(tmp_path, tiny_data, axes, **grid_kwargs):
+    path = write_grid(tmp_path, axes)
+    bindings = [f"DATA='{tiny_data}'"]
+    config.parse([path], bindings)
+    grid = configured_grid()
+    return plan_cells([path], bindings, Grid(**{**grid.__dict__, **grid_kwargs}))
+
+
+def test_expansion_is_the_ordered_product():
+    grid = Grid(
+        axes={"METHOD": ["clip"], "BATCH_SIZE": [32, 64], "TrainConfig.lr_rule": ["none", "sqrt"]}
+    )
+    cells = expand(grid)
+    assert [v for v, _ in cells] == [
+        {"METHOD": "clip", "BATCH_SIZE": b, "TrainConfig.lr_rule": r}
+        for b in (32, 64)
+        for r in ("none", "sqrt")
+    ]
+    assert cells[1][1] == ["METHOD = 'clip'", "BATCH_SIZE = 32", "TrainConfig.lr_rule = 'sqrt'"]
+
+
+def test_cells_are_named_by_values_and_config_hash(tmp_path, tiny_data):
+    cells = planned(tmp_path, tiny_data, "{'BATCH_SIZE': [32, 64], 'SEED': [0]}")
+    assert [c.name.rsplit("__", 1)[0] for c in cells] == [
+        "batch_size=32__seed=0",
+        "batch_size=64__seed=0",
+    ]
+    assert len({c.config_hash for c in cells}) == 2
+
+
+@pytest.mark.parametrize(
+    ("axes", "grid_kwargs", "message"),
+    [
+        ("{'METHOD': ['clip', 'clipp']}", {}, "METHOD='clipp'.*unknown method 'clipp'.*clip"),
+        ("{'BATCH_SIZE': [32, 33]}", {"nproc_per_node": 2}, "BATCH_SIZE=33.*not divisible"),
+        ("{'BATCH_SIZE': [32, 100000]}", {}, "BATCH_SIZE=100000.*larger than the training split"),
+        ("{'MODEL': ['micro-vit', 'nope']}", {}, "unknown model 'nope'"),
+    ],
+)
+def test_every_cell_is_validated_before_any_runs(tmp_path, tiny_data, axes, grid_kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        planned(tmp_path, tiny_data, axes, **grid_kwargs)
+
+
+def test_bad_grid_values_are_refused(tmp_path, tiny_data, capsys):
+    path = write_grid(tmp_path, "{'SEED': []}")
+    from harness.run import main
+
+    with pytest.raises(SystemExit) as code:
+        main([str(path), "--gin_param", f"DATA='{tiny_data}'"])
+    assert (
+        code.value.code == 2
+        and "Grid.axes['SEED'] must be a non-empty list" in capsys.readouterr().err
+    )
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+def cell_dirs(sweep):
+    return [cell["dir"] for cell in json.loads((sweep / "sweep.json").read_text())["cells"]]
+
+
+@pytest.mark.slow
+def test_killed_sweep_rerun_skips_finished_cells_and_resumes_the_interrupted_one(
+    tmp_path, tiny_data
+):
+    path = write_grid(
+        tmp_path, "{'SEED': [0, 1, 2]}",
+        "TRAIN_SAMPLES = 3200\nTrainConfig.checkpoint_every_samples = 320\nBATCH_SIZE = 32",
+    )  # fmt: skip
+    sweep = tmp_path / "sweep"
+    argv = [
+        sys.executable,
+        "-m",
+        "harness.run",
+        str(path),
+        "--out",
+        str(sweep),
+        "--gin_param",
+        f"DATA='{tiny_data}'",
+    ]
+    proc = subprocess.Popen(
+        argv, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            dirs = cell_dirs(sweep) if (sweep / "sweep.json").exists() else []
+            if dirs and (os.path.exists(f"{dirs[1]}/checkpoints/latest.pt")):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("second cell never checkpointed")
+        os.killpg(proc.pid, signal.SIGKILL)  # as if the machine died
+    finally:
+        proc.wait()
+    first, second, third = cell_dirs(sweep)
+    assert read(f"{first}/status.json")["status"] == "finished"
+    assert read(f"{second}/status.json")["status"] == "running"
+    stamp = os.stat(f"{first}/eval.json").st_mtime_ns
+
+    rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "finished earlier, skipped" in rerun.stdout
+    assert os.stat(f"{first}/eval.json").st_mtime_ns == stamp  # not redone
+    for d in (second, third):
+        assert read(f"{d}/status.json")["status"] == "finished"
+    # resumed from its checkpoint: the log ends at the last step, with no step logged twice
+    # except those between the last checkpoint and the kill
+    steps = [
+        json.loads(line)["step"]
+        for line in Path(f"{second}/metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps[-1] == 100 and steps[0] == 10
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_data):
+    path = write_grid(tmp_path, "{'TrainConfig.lr': [1e9, 1e-3]}")
+    sweep = tmp_path / "sweep"
+    done = run_cli(
+        "harness.run", str(path), "--out", str(sweep), "--gin_param", f"DATA='{tiny_data}'"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    bad, good = cell_dirs(sweep)
+    status = read(f"{bad}/status.json")
+    assert status["status"] == "diverged" and status["step"] == 1
+    assert read(f"{good}/status.json")["status"] == "finished"
+    results = json.loads((sweep / "results.json").read_text())["status"]
+    assert sorted(results.values()) == ["diverged", "finished"]
+
+
+def test_slurm_script_for_a_2x5_grid(tmp_path, tiny_data):
+    path = write_grid(
+        tmp_path, "{'SEED': [0, 1], 'BATCH_SIZE': [16, 32, 64, 128, 256]}",
+        "Grid.launcher = 'slurm'\nGrid.nodes = 2\nGrid.nproc_per_node = 4\nGrid.slurm_gpus_per_node = 4\n"
+        "Grid.slurm_partition = 'gpu'",
+    )  # fmt: skip
+    sweep = tmp_path / "sweep"
+    done = run_cli(
+        "harness.run", str(path), "--out", str(sweep), "--gin_param", f"DATA='{tiny_data}'"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    slurm = sweep / "slurm"
+    header = (slurm / "cells.sbatch").read_text()
+    for line in ("#SBATCH --array=0-9", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "srun --kill-on-bad-exit=1"):  # fmt: skip
+        assert line in header, line
+    assert not (sweep / "cells").exists()  # nothing ran
+    tasks = sorted(slurm.glob("cell_*.sh"))
+    assert len(tasks) == 10
+    task = (slurm / "cell_7.sh").read_text()
+    assert (
+        "--nnodes=$SLURM_NNODES --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500"
+        in task
+    )
+    assert "--cell --resume" in task and "'SEED = 1'" in task and "'BATCH_SIZE = 64'" in task
+    assert (slurm / "submit.sh").read_text().strip().endswith("sbatch cells.sbatch")
+    assert subprocess.run(["bash", "-n", str(slurm / "cells.sbatch")]).returncode == 0
