@@ -1,0 +1,123 @@
+"""Token-classification supervision shared by superclass and superclip (not a method itself).
+
+METHODS.md section 2. A caption's padded CLIP-BPE id sequence becomes a de-duplicated multi-hot
+y in {0,1}^V (V = 49,408; start, end and pad ids stay in). Online IDF, in float64 buffers:
+each step adds the global batch's column mean of y to ``df`` and 1 to ``steps`` (averaged across
+ranks), then w_c = log((n + 1/N) / (df_c + 1/N)), i.e. log((samples_seen + 1) / (DF_c + 1)).
+Soft target y_hat = (y * w) / max(||y * w||_1, 1e-12); loss = softmax cross-entropy over all V
+classes, L = -(1/B) sum_i sum_c y_hat_ic log softmax(z_i)_c, per rank on the local batch.
+
+Nothing here is dense in V except the logits z (B x V), which no formulation avoids: y is kept
+as (row, id) pairs of the unique ids per caption, the IDF update is an ``index_add_``, and the
+loss is logsumexp(z) - sum_c y_hat_c z_c with the sum gathered at those ids.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness import distributed
+
+VOCAB_SIZE = 49408  # CLIP BPE: 49,406 merges and bytes + start-of-text + end-of-text
+MIN_TARGET_MASS = 1e-12
+
+
+def unique_tokens(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, id) of every distinct id of each caption: the non-zeros of the multi-hot y.
+
+    Sort-based: after sorting each row, an id is new where it differs from its left neighbour.
+    """
+    ids, _ = text.sort(dim=1)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    return rows[first], ids[first]
+
+
+class OnlineIDF(nn.Module):
+    """Document frequencies as fractions of captions, in float64, plus the number of updates."""
+
+    def __init__(self, vocab_size: int = VOCAB_SIZE):
+        super().__init__()
+        self.register_buffer("df", torch.zeros(vocab_size, dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor, ids: torch.Tensor, batch: int) -> None:
+        """Add the global batch's column mean of y to ``df`` and 1 to ``steps``.
+
+        One collective: the local column mean and the counter increment are averaged across
+        ranks together (equal per-rank batches, so the average is the global column mean).
+        """
+        delta = torch.zeros(self.df.numel() + 1, dtype=torch.float64, device=self.df.device)
+        delta.index_add_(0, ids, torch.full_like(ids, 1.0 / batch, dtype=torch.float64))
+        delta[-1] = 1.0
+        distributed.all_reduce_mean_(delta)
+        self.df += delta[:-1]
+        self.steps += delta[-1]
+
+    def weights(self, global_batch: int) -> torch.Tensor:
+        """w_c = log((n + 1/N) / (df_c + 1/N)) = log((samples_seen + 1) / (DF_c + 1))."""
+        eps = 1.0 / global_batch
+        return torch.log((self.steps + eps) / (self.df + eps))
+
+
+def soft_targets(
+    rows: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, batch: int
+) -> torch.Tensor:
+    """y_hat at each (row, id): w_id / max(sum of w over the row's ids, 1e-12) (w >= 0)."""
+    w = weights[ids]
+    mass = torch.zeros(batch, dtype=w.dtype, device=w.device).index_add_(0, rows, w)
+    return w / mass.clamp_min(MIN_TARGET_MASS)[rows]
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """-(1/B) sum_i sum_c y_hat_ic log softmax(z_i)_c, in float32, from the sparse targets.
+
+    -sum_c y_hat_c (z_c - lse) = (sum_c y_hat_c) lse - sum_c y_hat_c z_c; the target mass is 1,
+    or 0 for a caption whose every id has weight 0 (it then adds nothing).
+    """
+    z = logits.float()
+    t = targets.float()
+    batch = z.shape[0]
+    mass = torch.zeros(batch, device=z.device).index_add(0, rows, t)
+    dot = torch.zeros(batch, device=z.device).index_add(0, rows, t * z[rows, ids])
+    return (mass * torch.logsumexp(z, dim=1) - dot).mean()
+
+
+class TokenClassifier(nn.Module):
+    """The head and the IDF state: pooled patch features -> logits over the vocabulary."""
+
+    def __init__(self, width: int, vocab_size: int = VOCAB_SIZE):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, vocab_size)
+        nn.init.normal_(self.linear.weight, std=width**-0.5)
+        nn.init.zeros_(self.linear.bias)
+        self.idf = OnlineIDF(vocab_size)
+
+    def forward(self, pooled: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pooled``: mean of the patch tokens after the final norm; ``text``: padded ids.
+
+        Updates the IDF state (before weighting, current batch included) and returns the
+        logits with the sparse soft targets.
+        """
+        batch = text.shape[0]
+        rows, ids = unique_tokens(text)
+        self.idf.update(rows, ids, batch)
+        weights = self.idf.weights(batch * distributed.world_size())
+        return {
+            "cls_logits": self.linear(self.norm(pooled)),
+            "cls_rows": rows,
+            "cls_ids": ids,
+            "cls_targets": soft_targets(rows, ids, weights, batch),
+        }
+
+    @staticmethod
+    def loss(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return soft_cross_entropy(
+            outputs["cls_logits"], outputs["cls_rows"], outputs["cls_ids"], outputs["cls_targets"]
+        )
