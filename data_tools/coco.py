@@ -28,16 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_tools.shards import (
-    Record,
-    add_writer_args,
-    arguments,
-    convert,
-    describe,
-    skip,
-    user_errors,
-    writer_options,
-)
+from data_tools.shards import Input, Record, add_writer_args, run_converter, skip
 from harness.manifest import DataError
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "test": "test"}  # + "val": --karpathy-val
@@ -151,24 +142,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_input(args: argparse.Namespace) -> Input:
+    for folder in args.images:
+        if not folder.is_dir():
+            raise DataError(f"--images {folder}: not a folder")
+    splits = karpathy_splits(args.karpathy, args.karpathy_val) if args.karpathy else None
+    records, skipped = coco_records(args.images, args.captions, splits)
+    return Input(records, skipped, {"split": "karpathy" if splits else "seeded"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with user_errors():
-        options = writer_options(args)
-        for folder in args.images:
-            if not folder.is_dir():
-                raise DataError(f"--images {folder}: not a folder")
-        splits = karpathy_splits(args.karpathy, args.karpathy_val) if args.karpathy else None
-        records, skipped = coco_records(args.images, args.captions, splits)
-        result = convert(
-            records,
-            options,
-            converter="data_tools.coco",
-            provenance={"arguments": arguments(args), "split": "karpathy" if splits else "seeded"},
-            skipped=skipped,
-        )
-        print(describe(result))
-    return 0
+    return run_converter(args, "data_tools.coco", lambda: read_input(args))
 
 
 if __name__ == "__main__":

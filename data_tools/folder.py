@@ -18,14 +18,11 @@ from pathlib import Path
 
 from data_tools.shards import (
     IMAGE_SUFFIXES,
+    Input,
     Record,
     add_writer_args,
-    arguments,
-    convert,
-    describe,
+    run_converter,
     skip,
-    user_errors,
-    writer_options,
 )
 from harness.manifest import DataError
 
@@ -82,24 +79,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_input(args: argparse.Namespace) -> Input:
+    if not args.input.is_dir():
+        raise DataError(f"--input {args.input}: not a folder")
+    records, skipped = folder_records(args.input, exclude=args.out)
+    if not records and not skipped:
+        raise DataError(f"--input {args.input}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return Input(records, skipped)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with user_errors():
-        options = writer_options(args)
-        if not args.input.is_dir():
-            raise DataError(f"--input {args.input}: not a folder")
-        records, skipped = folder_records(args.input, exclude=args.out)
-        if not records and not skipped:
-            raise DataError(f"--input {args.input}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        result = convert(
-            records,
-            options,
-            converter="data_tools.folder",
-            provenance={"arguments": arguments(args)},
-            skipped=skipped,
-        )
-        print(describe(result))
-    return 0
+    return run_converter(args, "data_tools.folder", lambda: read_input(args))
 
 
 if __name__ == "__main__":

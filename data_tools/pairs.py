@@ -23,16 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_tools.shards import (
-    Record,
-    add_writer_args,
-    arguments,
-    convert,
-    describe,
-    skip,
-    user_errors,
-    writer_options,
-)
+from data_tools.shards import Input, Record, add_writer_args, run_converter, skip
 from harness.manifest import DataError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
@@ -137,41 +128,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_input(args: argparse.Namespace) -> Input:
+    image_root = args.image_root or args.input.parent
+    if not image_root.is_dir():
+        raise DataError(f"--image-root {image_root}: not a folder")
+    columns, rows = read_rows(args.input, detect_format(args.input, args.format))
+    split_column = args.split_column or ("split" if "split" in columns else None)
+    check_columns(
+        args.input,
+        columns,
+        {
+            "--image-column": args.image_column,
+            "--caption-column": args.caption_column,
+            "--split-column": split_column,
+        },
+    )
+    records, skipped = pair_records(
+        args.input,
+        rows,
+        image_root=image_root,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        split_column=split_column,
+    )
+    return Input(records, skipped, {"split_column": split_column})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with user_errors():
-        options = writer_options(args)
-        image_root = args.image_root or args.input.parent
-        if not image_root.is_dir():
-            raise DataError(f"--image-root {image_root}: not a folder")
-        columns, rows = read_rows(args.input, detect_format(args.input, args.format))
-        split_column = args.split_column or ("split" if "split" in columns else None)
-        check_columns(
-            args.input,
-            columns,
-            {
-                "--image-column": args.image_column,
-                "--caption-column": args.caption_column,
-                "--split-column": split_column,
-            },
-        )
-        records, skipped = pair_records(
-            args.input,
-            rows,
-            image_root=image_root,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            split_column=split_column,
-        )
-        result = convert(
-            records,
-            options,
-            converter="data_tools.pairs",
-            provenance={"arguments": arguments(args), "split_column": split_column},
-            skipped=skipped,
-        )
-        print(describe(result))
-    return 0
+    return run_converter(args, "data_tools.pairs", lambda: read_input(args))
 
 
 if __name__ == "__main__":

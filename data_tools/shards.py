@@ -9,7 +9,7 @@ source:
    all captions of an image end up in ONE sample, as the retrieval protocol needs.
 2. Images that do not exist are reported as ``missing file``.
 3. Splits are strictly by image. Records that carry a split keep it; the others are ranked by
-   ``sha256(seed, source)`` and the first ``test_size`` (default ``round(0.2 * n)``) go to test.
+   ``sha256(seed, source)`` and the first ``test_size`` (default ``max(1, round(0.2 * n))``) go to test.
    Ranking by a per-image hash is independent of input order and gives exact counts (5,000 COCO
    val2017 images -> 4,000 train / 1,000 test).
 4. Each split is ordered by the same rank (so shards mix sources rather than follow one folder),
@@ -149,8 +149,8 @@ class WriterOptions:
                 raise DataError(f"{flag} is {value}; it must be at least 1")
         if self.image_size is not None and self.image_size < 8:
             raise DataError(f"--image-size is {self.image_size}; it must be at least 8")
-        if not 0 <= self.test_fraction < 1:
-            raise DataError(f"--test-fraction is {self.test_fraction}; it must be in [0, 1)")
+        if not 0 < self.test_fraction < 1:  # the harness evaluates on "test": it must exist
+            raise DataError(f"--test-fraction is {self.test_fraction}; it must be in (0, 1)")
         if self.test_size is not None and self.test_size < 1:
             raise DataError(f"--test-size is {self.test_size}; it must be at least 1")
         if self.out.exists() and not self.out.is_dir():
@@ -221,10 +221,10 @@ def assign_splits(items: list[Item], options: WriterOptions) -> None:
         return
     n_test = options.test_size
     if n_test is None:
-        n_test = round(options.test_fraction * len(free))
+        n_test = max(1, round(options.test_fraction * len(free)))
     if n_test >= len(free):
         raise DataError(
-            f"--test-size {n_test} leaves no training images: only {len(free)} usable images"
+            f"a test split of {n_test} leaves no training images: only {len(free)} usable images"
         )
     for k, item in enumerate(free):
         item.split = "test" if k < n_test else "train"
@@ -440,6 +440,9 @@ def convert(
     if not present:
         raise DataError(f"{converter}: no usable image (all {len(items)} missing or captionless)")
     assign_splits(present, options)
+    for split in SPLIT_ORDER:  # training and evaluation each need theirs
+        if not any(i.split == split for i in present):
+            raise DataError(f"{converter}: no usable image is in split {split!r}")
     jobs = plan_shards(present, options)
     options.out.mkdir(parents=True, exist_ok=True)
     _clean_out(options.out, {j.name for j in jobs})
@@ -485,6 +488,31 @@ def describe(conversion: Conversion) -> str:
         f"skipped entries {conversion.skipped} (listed under 'skipped' in the manifest)\n"
         f"{conversion.manifest}"
     )
+
+
+@dataclass(frozen=True)
+class Input:
+    """What a converter read: records, the entries it left out itself, provenance to record."""
+
+    records: list[Record]
+    skipped: list[dict[str, str]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def run_converter(args: argparse.Namespace, converter: str, read: Callable[[], Input]) -> int:
+    """A converter's ``main`` after parsing: check options, read the input, write, report."""
+    with user_errors():
+        options = writer_options(args)  # cheap checks first: bad input fails before any work
+        source = read()
+        result = convert(
+            source.records,
+            options,
+            converter=converter,
+            provenance={"arguments": arguments(args), **source.provenance},
+            skipped=source.skipped,
+        )
+        print(describe(result))
+    return 0
 
 
 @contextlib.contextmanager
