@@ -287,7 +287,9 @@ def plan_fingerprint(job: ShardJob) -> str:
         "version": WRITER_VERSION,
         "image_size": job.image_size,
         "items": [
-            [i.index, i.source, i.path, i.captions, i.labels, *stat(i.path)] for i in job.items
+            # absolute, so a rerun from another folder still recognises the same images
+            [i.index, i.source, os.path.abspath(i.path), i.captions, i.labels, *stat(i.path)]
+            for i in job.items
         ],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -435,8 +437,9 @@ def convert(
     """Group, split, write and describe a dataset; ``skipped`` adds the converter's own reports."""
     items, reported = group_records(records)
     reported = list(skipped) + reported
-    present = [i for i in items if os.path.isfile(i.path)]
-    reported += [skip(i.source, "missing file") for i in items if not os.path.isfile(i.path)]
+    exists = {i.source: os.path.isfile(i.path) for i in items}
+    present = [i for i in items if exists[i.source]]
+    reported += [skip(i.source, "missing file") for i in items if not exists[i.source]]
     if not present:
         raise DataError(f"{converter}: no usable image (all {len(items)} missing or captionless)")
     assign_splits(present, options)

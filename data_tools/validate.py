@@ -48,8 +48,8 @@ def sample_problem(sample: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     """(what is wrong or None, its meta) for one raw sample."""
     try:
         meta = sample_meta(sample)
-    except (ValueError, UnicodeDecodeError) as e:
-        return f"unreadable json/txt ({e})", {}
+    except Exception as e:  # bad JSON, bad UTF-8, a JSON that is not an object: all corrupt
+        return f"unreadable json/txt ({type(e).__name__}: {e})", {}
     if not meta["captions"]:
         return "no caption", meta
     try:

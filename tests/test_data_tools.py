@@ -18,9 +18,9 @@ from PIL import Image
 
 from data_tools import coco, folder, pairs, validate
 from data_tools import manifest as manifest_tool
-from data_tools.shards import Item, WriterOptions, assign_splits
+from data_tools.shards import Item, Record, WriterOptions, assign_splits, convert
 from harness.data import ShardStream, eval_loader, make_loader
-from harness.manifest import load_manifest, sha256_file
+from harness.manifest import LabelTask, load_manifest, sha256_file
 from tests.conftest import run_cli
 
 QUIET = ["--no-progress"]
@@ -324,6 +324,24 @@ def test_bad_input_is_one_clear_error_before_any_work(tool, args, message, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_api_keeps_labels_for_label_tasks(tmp_path):
+    """A converter that knows classes passes labels per record and the tasks to ``convert``."""
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    records = []
+    for i in range(6):
+        name = list(colours)[i % 2]
+        path = make_image(tmp_path / "img" / f"{i}.png", colour=colours[name])
+        records.append(Record(f"{i}.png", str(path), f"a {name} square", labels={"colour": i % 2}))
+    task = LabelTask("colour", list(colours), ["a {} image."])
+    options = WriterOptions(out=tmp_path / "out", test_size=2, workers=1, progress=False)
+    done = convert(records, options, converter="test", provenance={}, label_tasks=[task])
+    m = load_manifest(done.manifest)
+    assert m.label_tasks == [task] and done.samples == {"train": 4, "test": 2}
+    test = sorted(read_dataset(options.out)["test"].items(), key=lambda kv: kv[1]["index"])
+    batch = next(iter(eval_loader(m, "test", batch_size=2, image_size=16, context_length=16)))
+    assert batch["labels"][:, 0].tolist() == [int(source[0]) % 2 for source, _ in test]
 
 
 # ---------------------------------------------------------------- existing shards, reading
