@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import importlib.util  # gin 0.5.0 needs importlib.util loaded to report a missing file
 import json
+import re
 import tokenize
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,6 +134,10 @@ def parse(config_files: list[str | Path], bindings: list[str] = ()) -> list[Path
 
 def _clean(error: Exception, bindings: list[str]) -> str:
     text = str(error).strip() or repr(error)
+    required = re.search(r"(\w+)/macro\.value set to `%gin\.REQUIRED`", text)
+    if required:
+        name = required.group(1)
+        return f"this config requires {name}: pass --gin_param \"{name}=...\" (e.g. {name}='path')"
     if isinstance(error, SyntaxError | tokenize.TokenError) and bindings:
         return f"malformed --gin_param binding among {list(bindings)}: {text}"
     return text

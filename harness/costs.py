@@ -90,3 +90,40 @@ def count_costs(
         "inference_flops_per_image": image_flops,
         "inference_flops_per_caption": text_flops,
     }
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (FLOP/s, no sparsity).
+DATASHEET_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def device_peak_flops(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained) for MFU: a datasheet value for known GPUs, otherwise a
+    measured matmul peak (fp32 on CPU, bf16 on GPU), named as such."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in DATASHEET_PEAK_BF16.items():
+            if key in name:
+                return peak, f"{name} datasheet dense bf16 peak"
+        return _measured_matmul(
+            device, torch.bfloat16, 8192
+        ), f"measured bf16 matmul peak on {name}"
+    return _measured_matmul(
+        device, torch.float32, 1024
+    ), "measured fp32 matmul peak (CPU, 1024x1024, best of 10)"
+
+
+def _measured_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    import time
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

@@ -240,6 +240,19 @@ def write_sweep_record(
         "git_commit": rundir.git_commit(),
         "packages": rundir.package_versions(),
     }
+    previous = rundir.read_json(sweep_dir / "sweep.json") or {}
+    if "device_peak_flops" in previous:  # measured once per sweep directory, kept on reruns
+        record["device_peak_flops"], record["device_peak_how"] = (
+            previous["device_peak_flops"],
+            previous["device_peak_how"],
+        )
+    else:
+        import torch
+
+        from harness.costs import device_peak_flops
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        record["device_peak_flops"], record["device_peak_how"] = device_peak_flops(device)
     write_json_atomic(sweep_dir / "sweep.json", record)
 
 

@@ -1,0 +1,193 @@
+"""Report tables from hand-written run directories with known numbers (checked against scipy)."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from reports import build_report
+from reports import stats as rstats
+from tests.conftest import run_cli
+
+
+def write_run(folder, *, method, batch, seed, metrics, status="finished", per_query=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    run = {
+        "method": method,
+        "method_decisions": [f"{method} decision"],
+        "model": "tiny-vit",
+        "device": "cpu (test)",
+        "train": {
+            "batch_size": batch,
+            "seed": seed,
+            "budget": "samples",
+            "train_samples": 1000,
+            "lr_rule": "sqrt",
+            "base_batch": 64,
+            "lr": 1e-3,
+            "warmup_samples": 100,
+        },
+        "data": {"name": "hand-made"},
+    }
+    files = {
+        "run.json": run,
+        "status.json": {
+            "status": status,
+            "step": 10,
+            **({"reason": "loss became NaN"} if status != "finished" else {}),
+        },
+        "throughput.json": {
+            "samples_per_s": 100.0 * batch**0.5,
+            "step_time_ms_median": 5.0,
+            "data_wait_fraction": 0.1,
+            "peak_memory_mb": 900,
+        },
+        "costs.json": {
+            "params_trainable": 1000,
+            "params_total": 1200,
+            "params_frozen": 200,
+            "train_flops_per_sample": 2e9,
+            "inference_flops_per_image": 1e6,
+        },
+    }
+    if status == "finished":
+        files["eval.json"] = metrics
+    if per_query is not None:
+        files["eval_ranks.json"] = per_query
+    for name, payload in files.items():
+        (folder / name).write_text(json.dumps(payload))
+
+
+def write_sweep(root, cells):
+    entries = []
+    for method, batch, seed, metrics, *rest in cells:
+        name = f"method={method}__batch_size={batch}__seed={seed}__h"
+        write_run(
+            root / "cells" / name,
+            method=method,
+            batch=batch,
+            seed=seed,
+            metrics=metrics,
+            **(rest[0] if rest else {}),
+        )
+        entries.append(
+            {
+                "name": name,
+                "values": {"METHOD": method, "BATCH_SIZE": batch, "SEED": seed},
+                "dir": str(root / "cells" / name),
+            }
+        )
+    record = {"axes": {"METHOD": ["clip", "superclip"]}, "cells": entries, "git_commit": "abc123",
+              "packages": {"torch": "2.14.1"}, "world_size": 1, "bindings": [], "device_peak_flops": 1e11,
+              "device_peak_how": "measured fp32 matmul"}  # fmt: skip
+    (root / "sweep.json").write_text(json.dumps(record))
+    return root
+
+
+CLIP = {32: [10.0, 12.0, 14.0], 64: [20.0, 22.0, 24.0]}
+SUPER = {32: [13.0, 16.0, 16.0], 64: [21.0, 22.5, 25.0]}
+
+
+@pytest.fixture
+def seeded_sweep(tmp_path):
+    cells = []
+    for method, table in (("clip", CLIP), ("superclip", SUPER)):
+        for batch, values in table.items():
+            for seed, v in enumerate(values):
+                cells.append((method, batch, seed, {"i2t_r1": v, "t2i_r1": v / 2}))
+    return write_sweep(tmp_path / "sweep", cells)
+
+
+def test_mean_and_t_interval_across_seeds(seeded_sweep):
+    build_report(seeded_sweep)
+    numbers = json.loads((seeded_sweep / "report.json").read_text())
+    got = numbers["metrics"]["i2t_r1"]["clip"]["by_batch"]["32"]
+    low, high = sps.t.interval(0.95, 2, loc=12.0, scale=np.std(CLIP[32], ddof=1) / np.sqrt(3))
+    assert got["mean"] == pytest.approx(12.0)
+    assert (got["low"], got["high"]) == pytest.approx((low, high))
+    report = (seeded_sweep / "REPORT.md").read_text()
+    assert f"12.0 ± {(high - low) / 2:.1f}" in report
+
+
+def test_paired_comparison_against_clip_matches_scipy(seeded_sweep):
+    build_report(seeded_sweep)
+    numbers = json.loads((seeded_sweep / "report.json").read_text())
+    comp = numbers["comparisons"]["i2t_r1"]["superclip"]["32"]
+    assert comp["diff"] == pytest.approx(np.mean(np.subtract(SUPER[32], CLIP[32])))
+    assert comp["p_value"] == pytest.approx(sps.ttest_rel(SUPER[32], CLIP[32]).pvalue)
+    assert comp["how"] == "paired t across seeds"
+
+
+def test_batch_sensitivity_slope_matches_linregress(seeded_sweep):
+    build_report(seeded_sweep)
+    numbers = json.loads((seeded_sweep / "report.json").read_text())
+    slope = numbers["metrics"]["i2t_r1"]["clip"]["slope"]
+    x = np.log2([32] * 3 + [64] * 3)
+    fit = sps.linregress(x, CLIP[32] + CLIP[64])
+    half = sps.t.ppf(0.975, 4) * fit.stderr
+    assert slope["slope"] == pytest.approx(10.0) and slope["slope"] == pytest.approx(fit.slope)
+    assert (slope["low"], slope["high"]) == pytest.approx((fit.slope - half, fit.slope + half))
+
+
+def test_report_sections_plots_and_provenance(seeded_sweep):
+    path = build_report(seeded_sweep)
+    report = path.read_text()
+    for needle in ("git commit**: abc123", "budget rule**: samples — 1,000 samples", "learning-rate rule**: sqrt",
+                   "superclip [decision]s", "## Throughput", "## Parameters and compute", "![i2t_r1](plots/i2t_r1.png)"):  # fmt: skip
+        assert needle in report, needle
+    png = (seeded_sweep / "plots" / "i2t_r1.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((seeded_sweep / "tb_hparams").rglob("events.out.tfevents.*"))
+    # MFU = flops/sample * samples/s / peak: 2e9 * 100 * sqrt(32) / 1e11
+    assert f"{100 * 2e9 * 100 * 32**0.5 / 1e11:.1f}%" in report
+
+
+def per_query(n_images, hits):
+    """n_images images, 2 captions each; image i's queries rank 0 if hits[i] else 50."""
+    ranks = [0 if h else 50 for h in hits]
+    return {"i2t_rank": ranks, "t2i_rank": [r for r in ranks for _ in range(2)],
+            "caption_owner": [i for i in range(n_images) for _ in range(2)]}  # fmt: skip
+
+
+def test_single_seed_uses_a_bootstrap_over_test_images(tmp_path):
+    rng = np.random.default_rng(1)
+    clip_hits = rng.random(200) < 0.4
+    super_hits = clip_hits | (rng.random(200) < 0.3)
+    sweep = write_sweep(tmp_path / "s", [
+        ("clip", 32, 0, {"i2t_r1": 100 * clip_hits.mean(), "t2i_r1": 100 * clip_hits.mean()}, {"per_query": per_query(200, clip_hits)}),
+        ("superclip", 32, 0, {"i2t_r1": 100 * super_hits.mean(), "t2i_r1": 100 * super_hits.mean()}, {"per_query": per_query(200, super_hits)}),
+    ])  # fmt: skip
+    build_report(sweep)
+    numbers = json.loads((sweep / "report.json").read_text())
+    est = numbers["metrics"]["t2i_r1"]["clip"]["by_batch"]["32"]
+    assert est["how"] == "bootstrap" and est["low"] < est["mean"] < est["high"]
+    # the cluster bootstrap over 200 images is as wide as a binomial over 200 (not 400) queries
+    sd = np.sqrt(clip_hits.mean() * (1 - clip_hits.mean()) / 200) * 100
+    assert (est["high"] - est["low"]) == pytest.approx(2 * 1.96 * sd, rel=0.2)
+    comp = numbers["comparisons"]["i2t_r1"]["superclip"]["32"]
+    assert comp["diff"] == pytest.approx(100 * (super_hits.mean() - clip_hits.mean()))
+    assert comp["low"] > 0 and comp["p_value"] < 0.01  # superclip only adds hits here
+
+
+def test_bootstrap_of_a_perfect_run_is_degenerate():
+    q = rstats.Queries.from_json(per_query(30, [True] * 30))
+    est = rstats.bootstrap(q, "t2i_r5")
+    assert (est.mean, est.low, est.high) == (100.0, 100.0, 100.0)
+
+
+def test_failed_cells_are_listed(tmp_path):
+    sweep = write_sweep(tmp_path / "s", [
+        ("clip", 32, 0, {"i2t_r1": 10.0}),
+        ("superclip", 32, 0, {}, {"status": "diverged"}),
+    ])  # fmt: skip
+    report = build_report(sweep).read_text()
+    assert (
+        "1 of 2 cells finished." in report and "diverged" in report and "loss became NaN" in report
+    )
+
+
+def test_cli(tmp_path, seeded_sweep):
+    assert run_cli("reports", str(seeded_sweep)).returncode == 0
+    missing = run_cli("reports", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "sweep.json" in missing.stderr
