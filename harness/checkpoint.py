@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness import faults
+
 LATEST = "latest.pt"
 
 
@@ -62,6 +64,7 @@ def save(path: str | Path, payload: dict[str, Any]) -> Path:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        faults.during_checkpoint_write(int(payload.get("step", -1)))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

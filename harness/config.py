@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MACROS = ("METHOD", "BATCH_SIZE", "SEED", "TRAIN_SAMPLES", "MODEL", "DATA")
 _SEARCH_PATHS: set[Path] = set()
 # modules whose import registers gin configurables (methods registers every method)
-CONFIGURABLE_MODULES = ("harness.data", "harness.grid", "harness.trainer", "methods")
+CONFIGURABLE_MODULES = ("harness.data", "harness.faults", "harness.grid", "harness.trainer", "methods")
 
 
 class ConfigError(ValueError):
@@ -114,12 +114,28 @@ def check_syntax(path: Path, seen: set[Path] | None = None) -> None:
         check_syntax(child, seen)
 
 
-def parse(config_files: list[str | Path], bindings: list[str] = ()) -> list[Path]:
-    """Clear gin, then parse files and bindings; returns the resolved file paths."""
+def refuse_imports(path: Path) -> None:
+    """gin's ``import`` statements import (run) Python modules: never from an untrusted file."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if re.match(r"\s*(import|from)\s", line):
+            raise ConfigError(
+                f"{path}, line {number}: refusing a gin import statement in a run directory"
+            )
+
+
+def parse(
+    config_files: list[str | Path], bindings: list[str] = (), *, trusted: bool = True
+) -> list[Path]:
+    """Clear gin, then parse files and bindings; returns the resolved file paths.
+
+    ``trusted=False`` (configs read back from run directories) refuses gin import statements.
+    """
     import_configurables()
     paths = [_resolve(str(f), Path.cwd(), None) for f in config_files]
     for path in paths:
         check_syntax(path)
+        if not trusted:
+            refuse_imports(path)
     gin.clear_config()
     for folder in (REPO_ROOT, *(p.parent for p in paths)):
         if folder not in _SEARCH_PATHS:  # gin keeps search paths for the whole process

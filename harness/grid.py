@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from harness.config import ConfigError
 from harness.manifest import write_json_atomic
 
 LAUNCHERS = ("local", "slurm")
+EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b:? ")
 
 
 @gin.configurable
@@ -208,13 +210,20 @@ def _run_cell(command: list[str], cell_dir: Path) -> str:
     status = rundir.read_status(final_run_dir(cell_dir)) or {}
     if code == 0 and status.get("status") == rundir.FINISHED:
         return rundir.FINISHED
+    lines = log_path.read_text(errors="replace").splitlines()
+    tail = lines[-30:]
+    # the exception line of every process (torchrun prefixes worker output with "[rankN]:")
+    errors = [line for line in lines if EXCEPTION_LINE.match(line)][-10:]
     if status.get("status") in (None, "running", rundir.FINISHED):
         # the process died without saying why (killed, crashed before training, ...)
         reason = f"exit code {code}" + (" (killed by a signal: out of memory?)" if code < 0 else "")
-        tail = log_path.read_text().splitlines()[-20:]
-        rundir.write_status(final_run_dir(cell_dir), "failed", reason=reason, log_tail=tail,
-                            seconds=round(time.time() - start, 1))  # fmt: skip
-        return "failed"
+        status = {"status": "failed", "reason": reason}
+    # the cell's own log tail (every rank's output under torchrun) goes with the status
+    rundir.write_status(
+        final_run_dir(cell_dir), status["status"],
+        **{k: v for k, v in status.items() if k not in ("status", "time")},
+        exit_code=code, errors=errors, log_tail=tail, seconds=round(time.time() - start, 1),
+    )  # fmt: skip
     return status["status"]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from harness import checkpoint, config, distributed, models, rundir
+from harness import checkpoint, config, distributed, faults, models, rundir
 from harness.config import ConfigError, RunSpec
 from harness.costs import count_costs
 from harness.data import resolve_manifest
@@ -111,6 +111,10 @@ def write_provenance(run_dir: Path, b: Built, derived: dict[str, Any]) -> None:
 def run_one(run_dir: Path | None, *, resume: bool = False) -> Path:
     """Train and evaluate the currently parsed config into ``run_dir``; returns the run dir."""
     spec = config.resolve()
+    try:
+        faults.activate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     dist = distributed.init(spec.run.device)
     method, model_cfg, manifest = validate(spec, dist)
     b = Built(spec, method, model_cfg, manifest, dist)
@@ -192,7 +196,7 @@ def evaluate_run_dir(run_dir: str | Path, *, device: str = "auto") -> dict[str, 
     record = rundir.read_json(run_dir / "run.json")
     if record is None or not (run_dir / "operative_config.gin").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no run.json / operative_config.gin)")
-    config.parse([run_dir / "operative_config.gin"])
+    config.parse([run_dir / "operative_config.gin"], trusted=False)
     spec = config.resolve()
     dist = distributed.init(device)
     method = build_method(record["method"])

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from harness import checkpoint, distributed
+from harness import checkpoint, distributed, faults
 from harness.data import DataConfig, prepare_batch, train_loader
 from harness.distributed import DistInfo
 from harness.manifest import Manifest
@@ -320,6 +320,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(loader)
                 t_data = time.perf_counter()
+                faults.at_step(self.state.step, self.dist.rank)
                 terms = self._one_step(prepare_batch(batch, self.dist.device))
                 loss = total_loss(terms).detach()
                 # device-side NaN watch: no host sync per step; checked when we log anyway

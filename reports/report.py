@@ -195,7 +195,7 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
             rows.append([
                 method, str(b), _num(t.get("samples_per_s"), 0), _num(t.get("step_time_ms_median")),
                 f"{100 * t.get('data_wait_fraction', float('nan')):.0f}%", _num(t.get("peak_memory_mb"), 0),
-                _num(flops / 1e9 if flops else None, 3), mfu,
+                _num(flops / 1e9 if flops else None, 3), mfu, str(int(t.get("corrupt_samples", 0))),
             ])  # fmt: skip
     return table(header, rows)
 

@@ -1,0 +1,220 @@
+"""Faults survived: OOM and crashed workers recorded, clean stops on signals, atomic writes under
+kill -9, incompatible resumes and untrusted run directories refused."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import checkpoint
+from harness.metrics import read_metrics
+from tests.conftest import REPO, run_cli
+from tests.test_grid import cell_dirs, read, write_grid
+
+MICRO = ["--gin_param", "MODEL='micro-vit'", "--gin_param", "TrainConfig.progress_bar=False",
+         "--gin_param", "EvalConfig.probe_train_samples=100"]  # fmt: skip
+
+
+def smoke(out, tiny_data, *extra):
+    return [sys.executable, "-m", "harness.run", "configs/smoke.gin", "--out", str(out),
+            "--gin_param", f"DATA='{tiny_data}'", *MICRO, *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_oom_marks_the_cell_oom_and_the_sweep_continues(tmp_path, tiny_data):
+    path = write_grid(tmp_path, "{'Faults.spec': ['oom@3', '']}")
+    sweep = tmp_path / "sweep"
+    done = run_cli(
+        "harness.run", str(path), "--out", str(sweep), "--gin_param", f"DATA='{tiny_data}'"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    oom, fine = cell_dirs(sweep)
+    status = read(f"{oom}/status.json")
+    assert (
+        status["status"] == "oom"
+        and status["step"] == 3
+        and "injected out-of-memory" in status["reason"]
+    )
+    assert read(f"{fine}/status.json")["status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_crashed_torchrun_worker_marks_the_cell_failed_with_the_log_tail(tmp_path, tiny_data):
+    path = write_grid(tmp_path, "{'Faults.spec': ['crash@2@1']}", "Grid.nproc_per_node = 2")
+    sweep = tmp_path / "sweep"
+    done = run_cli(
+        "harness.run", str(path), "--out", str(sweep), "--gin_param", f"DATA='{tiny_data}'"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (cell,) = cell_dirs(sweep)
+    status = read(f"{cell}/status.json")
+    assert status["status"] == "failed" and status["exit_code"] != 0
+    assert any("injected crash at step 2 on rank 1" in line for line in status["errors"])
+    assert status["log_tail"]  # and the end of the log, torchrun's own summary
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail("timed out waiting")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_checkpoints_and_exits_cleanly(tmp_path, tiny_data, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(smoke(out, tiny_data, "--gin_param", "TRAIN_SAMPLES=64000"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for(
+        lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0
+    )
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    status = read(out / "status.json")
+    assert status["status"] == "interrupted" and signal.Signals(sig).name in status["reason"]
+    assert checkpoint.load(checkpoint.latest(out))["step"] == status["step"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    argv = smoke(out, tiny_data, "--gin_param", "TrainConfig.checkpoint_every_samples=160")
+    # steps of 32 samples: checkpoints at steps 5, 10, 15; the write at step 10 stalls
+    proc = subprocess.Popen([*argv, "--gin_param", "Faults.spec='slow_checkpoint@10'"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    wait_for(
+        lambda: (
+            list((out / "checkpoints").glob(".latest.pt.*.tmp")) and checkpoint.latest(out).exists()
+        )
+    )
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.load(checkpoint.latest(out))["step"] == 5  # the last complete checkpoint
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [5, 10]
+    for name in ("status.json", "run.json", "costs.json"):
+        json.loads((out / name).read_text())  # every result file parses
+    resumed = subprocess.run(
+        [*argv, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read(out / "status.json")["status"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_data):
+    """A run that crashed at step 3 after checkpointing at step 2."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    argv = smoke(out, tiny_data, "--gin_param", "TrainConfig.checkpoint_every_samples=64",
+                 "--gin_param", "Faults.spec='crash@3'")  # fmt: skip
+    subprocess.run(argv, cwd=REPO, capture_output=True, timeout=300)
+    assert read(out / "status.json")["status"] == "failed"
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("binding", "message"),
+    [
+        ("MODEL='tiny-vit'", "model does not match this run's model: .*shape mismatch"),
+        ("BATCH_SIZE=64", "saved with batch_size=32, this run has batch_size=64"),
+    ],
+)
+def test_an_incompatible_checkpoint_is_refused_with_what_differs(
+    stopped_run, tiny_data, tmp_path, binding, message
+):
+    import re
+
+    out = tmp_path / "copy"
+    shutil.copytree(stopped_run, out)
+    # a later binding overrides the earlier one of the same macro
+    argv = [*smoke(out, tiny_data), "--gin_param", binding, "--resume"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr[-1500:]
+
+
+def test_resuming_without_resume_flag_is_refused(stopped_run, tiny_data):
+    done = subprocess.run(
+        smoke(stopped_run, tiny_data), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and "pass --resume" in done.stderr
+
+
+def test_checkpoints_never_unpickle_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint"):
+        checkpoint.load(path)
+
+
+def test_gin_imports_in_a_run_directory_are_refused(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"method": "clip", "model_config": {}}))
+    (tmp_path / "operative_config.gin").write_text("import os\nRunConfig.method = 'clip'\n")
+    done = run_cli("harness.evaluate", str(tmp_path))
+    assert done.returncode == 2 and "line 1: refusing a gin import statement" in done.stderr
+
+
+def test_bad_fault_spec_is_a_config_error(tiny_data, tmp_path):
+    done = subprocess.run([*smoke(tmp_path / "r", tiny_data), "--gin_param", "Faults.spec='melt@3'"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "fault 'melt@3'" in done.stderr
+
+
+@pytest.mark.slow
+def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, tiny_data):
+    import io
+    import tarfile
+
+    from harness.manifest import load_manifest, save_manifest, sha256_file
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data.parent, data)
+    manifest = load_manifest(data)
+    shard = manifest.splits["train"].shards[0]
+    members = []
+    with tarfile.open(data / shard.path) as tar:
+        for m in tar.getmembers():
+            payload = tar.extractfile(m).read()
+            if m.name.endswith(".png") and int(m.name.split(".")[0]) % 10 == 0:
+                payload = payload[:40]  # a truncated PNG: undecodable
+            members.append((m.name, payload))
+    with tarfile.open(data / shard.path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    from dataclasses import replace
+
+    new_shard = replace(shard, sha256=sha256_file(data / shard.path))
+    train = replace(
+        manifest.splits["train"], shards=[new_shard, *manifest.splits["train"].shards[1:]]
+    )
+    save_manifest(replace(manifest, splits={**manifest.splits, "train": train}), data)
+
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [a if not a.startswith("DATA=") else f"DATA='{data}'" for a in smoke(out, tiny_data, "--gin_param", "TRAIN_SAMPLES=1600")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    corrupt = read(out / "throughput.json")["corrupt_samples"]
+    # 5 broken samples per pass over the shard; 1,600 samples seen = 4 to 5 passes over 395 good ones
+    assert 4 * 5 <= corrupt <= 5 * 5
+    assert read_metrics(out / "metrics.jsonl")[-1]["corrupt_samples"] == corrupt
+    assert Path(out / "eval.json").exists()
