@@ -57,6 +57,15 @@ def test_param_groups_cover_every_trainable_parameter_once(name, micro_cfg):
     )
 
 
+# Gradient tolerance of the 1-vs-2-process check, relative to each tensor's scale; 1e-5 unless
+# the method's own state amplifies the encoders' float32 round-off. neuclip: its T_u = 10 AdaGrad
+# steps on the prototypes move every coordinate by up to lr whatever the size of its gradient, so
+# on this untrained model (image embeddings all within cos 0.97 of each other) round-off in step
+# 1's features shifts step 2's prototypes ~1e3-fold more (measured 1.2e-4 on the gradients).
+# tests/test_neuclip.py checks the same plumbing at 1e-5 with lr 0.01, prototypes included.
+GRAD_RTOL = {"neuclip": 1e-3}
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("name", METHODS)
 def test_two_gloo_processes_equal_one_process(name, micro_cfg, tmp_path):
@@ -68,7 +77,7 @@ def test_two_gloo_processes_equal_one_process(name, micro_cfg, tmp_path):
         assert result["loss"].item() == pytest.approx(single_loss.item(), abs=1e-5)
         assert set(result["grads"]) == set(single_grads)
         for key, grad in single_grads.items():
-            assert_close_to_scale(result["grads"][key], grad, key)
+            assert_close_to_scale(result["grads"][key], grad, key, rel=GRAD_RTOL.get(name, 1e-5))
     for key, value in ranks[0]["state"].items():  # method state identical on every rank
         assert torch.equal(ranks[1]["state"][key], value), key
 

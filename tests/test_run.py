@@ -38,17 +38,31 @@ def test_smoke_run_then_standalone_evaluator(tiny_data, tmp_path):
     assert json.loads((out / "eval.json").read_text()) == pytest.approx(trained)
 
 
-def weights(run_dir):
-    return checkpoint.load(checkpoint.latest(run_dir))["model"]
+def saved_state(run_dir):
+    state = checkpoint.load(checkpoint.latest(run_dir))
+    return {**state["model"], **{f"method.{k}": v for k, v in state["method"].items()}}
+
+
+# Per method, bindings that exercise its own state across the interruption (at step 7 of 20).
+RESUME_CASES = {
+    "clip": [],
+    # m = 64 fills after 2 batches of 32; T_r = 3: restarts at 0, 1 (queue full), 3, 6, 9, ... 18
+    "neuclip": ["neuclip.num_prototypes=64", "neuclip.restart_every=3"],
+}
 
 
 @pytest.mark.slow
-def test_resume_after_sigint_matches_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", sorted(RESUME_CASES))
+def test_resume_after_sigint_matches_an_uninterrupted_run(method, tiny_data, tmp_path, monkeypatch):
+    """Final weights and method state (buffers: IDF, prototypes, queues...) equal an
+    uninterrupted run's."""
     bindings = [
         f"DATA='{tiny_data}'",
         *FAST,
         "TRAIN_SAMPLES=640",
         "TrainConfig.checkpoint_every_samples=0",
+        f"METHOD='{method}'",
+        *RESUME_CASES[method],
     ]
     smoke = [REPO / "configs/smoke.gin"]
     run_pipeline(smoke, bindings, out=tmp_path / "straight")
@@ -73,7 +87,8 @@ def test_resume_after_sigint_matches_an_uninterrupted_run(tiny_data, tmp_path, m
         run_pipeline(smoke, bindings, out=tmp_path / "resumed")
     run_pipeline(smoke, bindings, out=tmp_path / "resumed", resume=True)
 
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    a, b = saved_state(tmp_path / "straight"), saved_state(tmp_path / "resumed")
+    assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
     lines = [
