@@ -15,7 +15,7 @@ from pathlib import Path
 from harness import config, models, rundir
 from harness.manifest import write_json_atomic
 from harness.train import run_one
-from methods import RunInfo, build_method
+from methods import RunInfo, build_method, registered_names
 
 
 def plan_stages(config_files: list[str | Path], bindings: list[str]):
@@ -37,8 +37,18 @@ def stage_bindings(stage, done: dict[str, Path]) -> list[str]:
             raise config.ConfigError(
                 f"stage {stage.name!r} needs stage {source!r}, which comes later"
             )
-        extra.append(f"{param} = '{done[source]}'")
+        extra.append(f"{param} = '{Path(done[source]).resolve()}'")  # valid from any cwd
     return extra
+
+
+def shared_stage_hash() -> str:
+    """Hash of the parsed config, without the bindings of methods this stage does not train.
+
+    A shared stage (a teacher) is reused by every run whose resolved stage config is the same;
+    the hyperparameters of the method that *consumes* it must not force a retrain.
+    """
+    trained = config.resolve().run.method
+    return config.config_hash(ignore=frozenset(registered_names()) - {trained})
 
 
 def run_pipeline(
@@ -63,7 +73,7 @@ def run_pipeline(
         extra = stage_bindings(stage, done)
         config.parse(config_files, [*bindings, *extra])
         if stage.shared:
-            stage_dir = shared_root / f"{stage.name}-{config.config_hash()}"
+            stage_dir = shared_root / f"{stage.name}-{shared_stage_hash()}"
         else:
             stage_dir = out / stage.name
         done[stage.name] = run_one(stage_dir, resume=resume or rundir.is_finished(stage_dir))
