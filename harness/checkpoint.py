@@ -94,7 +94,10 @@ def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.
     shapes = [
         f"{k}: {tuple(found[k].shape)} in checkpoint vs {tuple(v.shape)} now"
         for k, v in expected.items()
-        if k in found and tuple(found[k].shape) != tuple(v.shape)
+        if k in found
+        and torch.is_tensor(v)  # a module's extra state (plain data) has no shape
+        and torch.is_tensor(found[k])
+        and tuple(found[k].shape) != tuple(v.shape)
     ]
     parts = []
     if missing:

@@ -29,7 +29,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MACROS = ("METHOD", "BATCH_SIZE", "SEED", "TRAIN_SAMPLES", "MODEL", "DATA")
 _SEARCH_PATHS: set[Path] = set()
 # modules whose import registers gin configurables (methods registers every method)
-CONFIGURABLE_MODULES = ("harness.data", "harness.faults", "harness.grid", "harness.trainer", "methods")
+CONFIGURABLE_MODULES = (
+    "harness.data",
+    "harness.faults",
+    "harness.grid",
+    "harness.trainer",
+    "methods",
+)
 
 
 class ConfigError(ValueError):
@@ -186,7 +192,20 @@ def operative_config() -> str:
     return gin.operative_config_str()
 
 
-def config_hash(*extra: Any) -> str:
-    """Hash of the complete parsed config plus anything else that changes the result."""
-    payload = full_config() + "".join(json.dumps(x, sort_keys=True, default=str) for x in extra)
+def config_hash(*extra: Any, ignore: frozenset[str] = frozenset()) -> str:
+    """Hash of the complete parsed config plus anything else that changes the result.
+
+    ``ignore`` names configurables whose bindings are left out (e.g. the hyperparameters of
+    methods other than the one a run trains, which cannot change its result).
+    """
+    lines = [line for line in full_config().splitlines() if _configurable_of(line) not in ignore]
+    payload = "\n".join(lines) + "".join(json.dumps(x, sort_keys=True, default=str) for x in extra)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+def _configurable_of(line: str) -> str | None:
+    """'scope/module.name.param = value' -> 'name'; None for macros, comments and blank lines."""
+    selector = line.split("=", 1)[0].strip()
+    if "=" not in line or line.startswith("#") or "." not in selector:
+        return None
+    return selector.rsplit("/", 1)[-1].rsplit(".", 2)[-2]

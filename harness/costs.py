@@ -3,7 +3,8 @@
 FLOPs are counted with torch's FlopCounterMode (matmuls, convolutions, attention; elementwise
 ops are not counted, as is usual for MFU) on a copy of the model and method, so that counting
 changes no weight, buffer or optimiser state. Everything a method adds (heads, prototypes,
-projections, a frozen teacher's forward) is inside the counted step.
+projections, a frozen teacher's forward) is inside the counted step. Parameter counts are of
+distinct parameters (shared weights count once); a method's frozen modules are counted as frozen.
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ def parameter_counts(model: nn.Module, method: nn.Module) -> dict[str, int]:
 
     model_ids = {id(p) for p in model.parameters()}
     extra = [p for p in method.parameters() if id(p) not in model_ids]
+    # modules the method runs but never trains (a teacher): frozen, and part of the total
+    outside = {name: count(m.parameters()) for name, m in method.frozen_modules().items()}
+    n_outside = sum(outside.values())
     return {
         "params_model": count(model.parameters()),
         "params_model_trainable": count(model.parameters(), True),
         "params_method_extra": count(extra),
         "params_method_extra_trainable": count(extra, True),
-        "params_frozen": count(model.parameters(), False) + count(extra, False),
+        **{f"params_{name}": n for name, n in outside.items()},
+        "params_frozen": count(model.parameters(), False) + count(extra, False) + n_outside,
         "params_trainable": count(model.parameters(), True) + count(extra, True),
-        "params_total": count(model.parameters()) + count(extra),
+        "params_total": count(model.parameters()) + count(extra) + n_outside,
     }
 
 

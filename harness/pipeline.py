@@ -19,7 +19,7 @@ from pathlib import Path
 from harness import config, models
 from harness.manifest import write_json_atomic
 from harness.train import run_one
-from methods import RunInfo, Stage, build_method
+from methods import RunInfo, Stage, build_method, registered_names
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,26 @@ def plan_runs(
                 raise config.ConfigError(
                     f"stage {stage.name!r} needs stage {source!r}, which comes later"
                 )
-            extra.append(f"{param} = '{done[source]}'")
+            extra.append(f"{param} = '{Path(done[source]).resolve()}'")  # valid from any cwd
         stage_bindings = [*bindings, *extra]
         if stage.shared:
             config.parse(config_files, stage_bindings)
-            run_dir = shared_root / f"{stage.name}-{config.config_hash()}"
+            run_dir = shared_root / f"{stage.name}-{shared_stage_hash()}"
         else:
             run_dir = out / stage.name
         done[stage.name] = run_dir
         runs.append(StageRun(stage, stage_bindings, run_dir))
     return runs
+
+
+def shared_stage_hash() -> str:
+    """Hash of the parsed config, without the bindings of methods this stage does not train.
+
+    A shared stage (a teacher) is reused by every run whose resolved stage config is the same;
+    the hyperparameters of the method that *consumes* it must not force a retrain.
+    """
+    trained = config.resolve().run.method
+    return config.config_hash(ignore=frozenset(registered_names()) - {trained})
 
 
 @contextlib.contextmanager

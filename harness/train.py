@@ -90,6 +90,7 @@ def write_provenance(run_dir: Path, b: Built, derived: dict[str, Any]) -> None:
     record = {
         "method": b.method.name,
         "method_decisions": list(b.method.decisions),
+        "method_info": b.method.info(),
         "model": b.spec.run.model,
         "model_config": b.model_cfg,
         "data": {

@@ -13,13 +13,19 @@ The trainer calls, per step::
 
 and, once: ``build_model``, ``param_groups``, ``stages``. The evaluator calls ``embed_images``,
 ``embed_texts`` and ``probe_features``. Collectives go through ``harness.distributed``.
+
+A method may also run modules it neither trains nor checkpoints (a frozen teacher): it returns
+them from ``frozen_modules``. They are not submodules, so the optimiser, DDP, ``state_dict`` and
+``train()`` never reach them, but they move with the method (``.to``) and ``harness.costs``
+counts their parameters (their FLOPs are counted because the method's forward runs them).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -70,6 +76,31 @@ class Method(nn.Module):
     def stages(self, run: RunInfo) -> list[Stage]:
         """The runs this method needs, in order; the last one is the method's result."""
         return [Stage("main")]
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Modules the method runs but never trains or saves (e.g. a teacher), by name."""
+        return {}
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Method:
+        # .to() / .cuda() / .float() reach submodules through _apply; frozen modules follow too
+        super()._apply(fn, recurse)
+        for module in self.frozen_modules().values():
+            module._apply(fn)
+        return self
+
+    def info(self) -> dict[str, Any]:
+        """JSON facts about this configured method, recorded in run.json as ``method_info``."""
+        return {}
+
+    @classmethod
+    def example_bindings(cls, workdir: Path, model_cfg: dict[str, Any]) -> list[str]:
+        """Gin bindings that let the method run one step on its own, outside any pipeline.
+
+        For tests and benchmarks that build a method by name (default: none needed). A method
+        that needs an input an earlier stage would produce (a teacher checkpoint, say) writes a
+        small deterministic one under ``workdir`` for a model configured by ``model_cfg``.
+        """
+        return []
 
     # -- training -----------------------------------------------------
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:

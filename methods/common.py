@@ -9,21 +9,38 @@ from torch import nn
 from harness import distributed, models
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of local rows against the globally gathered batch.
+def cross_logits(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    all_image: torch.Tensor,
+    all_text: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s image all_text^T, s text all_image^T): local rows against the gathered columns."""
+    return logit_scale * image @ all_text.T, logit_scale * text @ all_image.T
 
-    ``image`` and ``text`` are the local, L2-normalised embeddings; ``logit_scale`` is s = exp(theta).
-    Each rank scores its n rows against all N columns; its positives sit at offset rank * n.
+
+def contrastive_ce(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor) -> torch.Tensor:
+    """1/2 [CE(logits_per_image, diag) + CE(logits_per_text, diag)] on local rows.
+
+    Each rank holds n rows against all N columns; its positives sit at offset rank * n.
     """
-    all_image = distributed.all_gather_with_grad(image)
-    all_text = distributed.all_gather_with_grad(text)
-    logits_per_image = logit_scale * image @ all_text.T
-    logits_per_text = logit_scale * text @ all_image.T
-    labels = torch.arange(image.shape[0], device=image.device) + image.shape[0] * distributed.rank()
+    n = logits_per_image.shape[0]
+    labels = torch.arange(n, device=logits_per_image.device) + n * distributed.rank()
     return 0.5 * (
         F.cross_entropy(logits_per_image.float(), labels)
         + F.cross_entropy(logits_per_text.float(), labels)
     )
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of local rows against the globally gathered batch.
+
+    ``image`` and ``text`` are the local, L2-normalised embeddings; ``logit_scale`` is s = exp(theta).
+    """
+    all_image = distributed.all_gather_with_grad(image)
+    all_text = distributed.all_gather_with_grad(text)
+    return contrastive_ce(*cross_logits(image, text, all_image, all_text, logit_scale))
 
 
 def clip_outputs(

@@ -40,6 +40,15 @@ def micro_cfg() -> dict:
     return model_config("micro-vit")
 
 
+@pytest.fixture(scope="session")
+def method_bindings(tmp_path_factory, micro_cfg):
+    """name -> the gin bindings that let that method run one step on its own (e.g. a teacher)."""
+    import methods
+
+    workdir = tmp_path_factory.mktemp("method-inputs")
+    return lambda name: methods.method_class(name).example_bindings(workdir, micro_cfg)
+
+
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` from the repository root, as a user would."""
     return subprocess.run(

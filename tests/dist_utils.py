@@ -103,7 +103,9 @@ def _worker(rank, world, port, method_name, model_cfg, bindings, batch, steps, o
         local = {k: (v[rank * n : (rank + 1) * n] if v.ndim else v) for k, v in batch.items()}
         loss, _, grads = one_step(ddp, local, steps)
         loss = distributed.all_reduce_mean_(loss.clone())
-        state = {k: v.clone() for k, v in module.method.state_dict().items()}
+        state = {  # a module's extra state is plain data, not a tensor
+            k: v.clone() if torch.is_tensor(v) else v for k, v in module.method.state_dict().items()
+        }
         torch.save({"loss": loss, "grads": grads, "state": state}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -29,8 +29,8 @@ def test_clip_loss_equals_open_clip_cliploss():
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_step_gives_finite_loss_and_gradients(name, micro_cfg):
-    step = build(name, micro_cfg, [])
+def test_step_gives_finite_loss_and_gradients(name, micro_cfg, method_bindings):
+    step = build(name, micro_cfg, method_bindings(name))
     batch = make_batch(8, 32, 36)
     loss, terms, grads = one_step(step, batch)
     assert torch.isfinite(loss)
@@ -41,8 +41,8 @@ def test_step_gives_finite_loss_and_gradients(name, micro_cfg):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_param_groups_cover_every_trainable_parameter_once(name, micro_cfg):
-    step = build(name, micro_cfg, [])
+def test_param_groups_cover_every_trainable_parameter_once(name, micro_cfg, method_bindings):
+    step = build(name, micro_cfg, method_bindings(name))
     groups = step.method.param_groups(step.model, lr=1e-3, weight_decay=0.1)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
@@ -68,18 +68,21 @@ GRAD_RTOL = {"neuclip": 1e-3}
 
 @pytest.mark.dist
 @pytest.mark.parametrize("name", METHODS)
-def test_two_gloo_processes_equal_one_process(name, micro_cfg, tmp_path):
+def test_two_gloo_processes_equal_one_process(name, micro_cfg, method_bindings, tmp_path):
     """Loss (averaged over ranks) and DDP-averaged gradients equal the single-process step."""
     batch = make_batch(8, 32, 36)
-    single_loss, _, single_grads = one_step(build(name, micro_cfg, []), batch, steps=2)
-    ranks = run_distributed(name, micro_cfg, [], batch, world=2, out=tmp_path, steps=2)
+    bindings = method_bindings(name)
+    single_loss, _, single_grads = one_step(build(name, micro_cfg, bindings), batch, steps=2)
+    ranks = run_distributed(name, micro_cfg, bindings, batch, world=2, out=tmp_path, steps=2)
     for result in ranks:
-        assert result["loss"].item() == pytest.approx(single_loss.item(), abs=1e-5)
+        # float32 round-off grows with the loss: relative (siclip's loss is ~100), or absolute
+        assert result["loss"].item() == pytest.approx(single_loss.item(), rel=1e-6, abs=1e-5)
         assert set(result["grads"]) == set(single_grads)
         for key, grad in single_grads.items():
             assert_close_to_scale(result["grads"][key], grad, key, rel=GRAD_RTOL.get(name, 1e-5))
     for key, value in ranks[0]["state"].items():  # method state identical on every rank
-        assert torch.equal(ranks[1]["state"][key], value), key
+        other = ranks[1]["state"][key]
+        assert torch.equal(other, value) if torch.is_tensor(value) else other == value, key
 
 
 def assert_close_to_scale(actual, expected, name, rel=1e-5):

@@ -1,0 +1,650 @@
+"""siclip: SiCLIP-style distillation, reconstructed. Report label: "SiCLIP-style (reconstructed)".
+
+Paper: H. Liu, "Simplifying CLIP: Unleashing the Power of Large-Scale Models on Consumer-level
+Computers", arXiv 2411.14789 (2024). Its code is not public; this follows METHODS.md section 5.
+
+    L = L_clip + 2000 L_FD + L_CRD + L_ICL + L_PM          (every weight a gin parameter)
+
+A student CLIP trains with its own clip loss, three distillation terms from a frozen teacher CLIP
+and a pair-matching head. F, G: L2-normalised image / text embeddings; S student, T teacher;
+every contrastive term scores local rows against columns gathered across ranks.
+
+- FD  = MSE(norm(P_f F^S), F^T) + MSE(norm(P_g G^S), G^T), MSE the mean over elements.
+- CRD = 1/2 [KL(softmax(s^T F^T G^T') || softmax(s^S F^S G^S')) + the transposed logits],
+        row-wise, temperature 1, teacher logits detached (KL = CE(teacher -> student) - H(teacher)).
+- ICL = 1/2 [CE(s_x F^S G^T', diag) + CE(s_x G^S F^T', diag)], s_x = exp(theta_x).
+- PM  = CE over 3N pairs of head([f; g; f*g; |f-g|]) -> (no match, match): the N true pairs,
+        one sampled negative text per image and one sampled negative image per text.
+
+The teacher is owned by the method but is not a submodule: the optimiser, DDP, ``state_dict``
+and ``train()`` never see it (it stays in eval mode, ``requires_grad=False``, run under
+``no_grad``); it moves with the method (``Method.frozen_modules`` / ``_apply``); its source and
+a sha256 of its weights are in the method's extra state, in run.json ``method_info`` (with the
+teacher's own eval metrics when it is a harness run) and its parameters in costs.json
+(``params_teacher``). Its forward is inside the trained step, so in step time and FLOPs.
+Sources: ``siclip.teacher`` (a run directory of this harness), ``siclip.teacher_model`` +
+``siclip.teacher_pretrained`` (an open_clip name and pretrained tag; needs network on first use),
+or neither: ``stages`` then trains one first with method clip as a shared stage, reused by every
+run with the same resolved teacher config.
+
+Student options (default off): weight inheritance from the teacher where names and shapes match;
+adjacent-block weight sharing; SAS-P blocks (He & Hofmann 2023, "Simplifying Transformer Blocks").
+
+[decision]s (also in ``SiClip.decisions``):
+- The report label is "SiCLIP-style (reconstructed)".
+- ICL: s_x = exp(theta_x), its own learnable scale, theta_x initialised to log(1/0.07), no weight
+  decay, clamped like the logit scale at 100 (one public port applies no exp()).
+- FD: P is the identity (no parameters) when student and teacher embedding widths match, else a
+  learned bias-free linear map; ICL then uses the projected student embeddings too.
+- PM head: Linear(4d, d) - GELU - Linear(d, 2) on the student's normalised embeddings.
+- PM negatives: drawn from softmax of the student's own scaled logits s^S F^S G^S' (detached,
+  diagonal masked) over the global batch, by Gumbel-max with noise from a CPU generator seeded by
+  (siclip.seed, step); every rank draws the global noise and keeps its rows, so 1 and N processes
+  pick the same negatives.
+- Harness-trained teacher: method clip, model ``teacher_model`` (tiny-vit-teacher: width 96,
+  about 2.6x the tiny-vit student's forward FLOPs), batch ``teacher_batch_size`` (512, the largest
+  of the sweep), ``teacher_samples_factor`` (2) times the student's samples.
+- Teacher inputs: images resized (bilinear, antialiased) and re-normalised when the teacher wants
+  another size or mean/std; tokens zero-padded or cut (end-of-text kept) to its context length.
+- Weight inheritance copies teacher tensors with equal names and shapes, after the SAS-P swap and
+  before block sharing (so a shared pair keeps block 2k's inherited weights).
+- Block sharing: block 2k+1 *is* block 2k (one module, one set of parameters); with an odd number
+  of blocks the last one stays unshared.
+- SAS-P block: out = A LN(x) + beta_FF MLP(LN(x)), no skip connections, value and output
+  projections removed (identity), A = alpha_h I + beta_h (softmax(QK'/sqrt(d) + M) - C) per head,
+  alpha = beta = 1, W_Q = 0, beta_FF = 0.1 at init (the authors' defaults). At init A = I exactly,
+  so the attention path is the identity map of LN(x): the paper's identity-at-init is that of the
+  attention sub-block; the block as a whole is LN(x) + 0.1 MLP(LN(x)), not the identity of x.
+- SAS-P with the text tower's causal mask M: C = softmax(M), the uniform average over the keys a
+  query may see (row i: 1/(i+1) on tokens <= i), not (1/T) 11'; A then stays causal and is I at
+  init. Without a mask C = (1/T) 11'.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+
+from harness import checkpoint, distributed, models, rundir
+from harness.config import ConfigError
+from harness.manifest import write_json_atomic
+from methods import register
+from methods.base import MAX_LOGIT_SCALE, Method, RunInfo, Stage
+from methods.common import contrastive_ce, cross_logits
+
+LABEL = "SiCLIP-style (reconstructed)"
+TOWERS = ("none", "vision", "text", "both")
+CLIP_VOCAB = 49408
+EOT_TOKEN = 49407
+SAS_P_MLP_GAIN = 0.1  # the authors' beta_FF initialisation
+
+
+# ---------------------------------------------------------------- loss terms
+
+
+def fd_loss(image: torch.Tensor, text: torch.Tensor, t_image: torch.Tensor, t_text: torch.Tensor):
+    """Feature distillation: MSE of the (projected, re-normalised) student to the teacher."""
+    return F.mse_loss(image.float(), t_image.float()) + F.mse_loss(text.float(), t_text.float())
+
+
+def kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher row) || softmax(student row)); teacher detached."""
+    log_t = F.log_softmax(teacher_logits.detach().float(), dim=1)
+    log_s = F.log_softmax(student_logits.float(), dim=1)
+    return (log_t.exp() * (log_t - log_s)).sum(dim=1).mean()
+
+
+def crd_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Contrastive relational distillation over (logits_per_image, logits_per_text) pairs."""
+    return 0.5 * (kl_rows(teacher[0], student[0]) + kl_rows(teacher[1], student[1]))
+
+
+def sample_negatives(logits: torch.Tensor, noise: torch.Tensor, *, offset: int) -> torch.Tensor:
+    """One column per row, drawn from softmax(row) with the row's own pair masked (Gumbel-max).
+
+    ``logits`` are n local rows against N columns, row r's pair at column ``offset + r``;
+    ``noise`` holds the same rows of a global N x N Gumbel(0, 1) draw.
+    """
+    scores = logits.detach().float() + noise.to(logits.device)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    scores[rows, offset + rows] = float("-inf")  # after the noise: -inf + inf would be NaN
+    return scores.argmax(dim=1)
+
+
+def gumbel_noise(n: int, *, seed: int, step: int, draws: int = 2) -> torch.Tensor:
+    """``draws`` x n x n Gumbel(0, 1) noise, the same on every rank and device for (seed, step)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return -torch.empty(draws, n, n).exponential_(generator=gen).log()
+
+
+def pm_loss(
+    head: nn.Module,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    negative_text: torch.Tensor,
+    negative_image: torch.Tensor,
+) -> torch.Tensor:
+    """CE over the n true pairs (match) and the 2n sampled pairs (no match)."""
+    n = image.shape[0]
+    logits = head(torch.cat([image, image, negative_image]), torch.cat([text, negative_text, text]))
+    labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(image.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+class PairMatchingHead(nn.Module):
+    """MLP([f; g; f*g; |f-g|]) -> 2 logits: (no match, match)."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or dim
+        self.mlp = nn.Sequential(nn.Linear(4 * dim, hidden), nn.GELU(), nn.Linear(hidden, 2))
+
+    @staticmethod
+    def pair_features(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return torch.cat([image, text, image * text, (image - text).abs()], dim=-1)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pair_features(image, text))
+
+
+# ---------------------------------------------------------------- SAS-P block
+
+
+class SasPBlock(nn.Module):
+    """Parallel, skipless transformer block with shaped attention (SAS-P, He & Hofmann 2023).
+
+    out = A LN(x) + beta_FF MLP(LN(x)); per head A = alpha I + beta (softmax(QK'/sqrt(d) + M) - C),
+    C = softmax(M) (the attention of zero queries). Values and output projection are the identity.
+    With W_Q = 0, alpha = beta = 1 at init, A = I exactly. Drop-in for open_clip's
+    ``ResidualAttentionBlock`` inside a batch-first ``Transformer`` (self-attention only).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_width: int, *, act_layer, norm_layer):
+        super().__init__()
+        if width % heads:
+            raise models.ModelError(f"SAS-P: width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.ln_1 = norm_layer(width)
+        self.attn_q = nn.Linear(width, width)
+        self.attn_k = nn.Linear(width, width)
+        nn.init.zeros_(self.attn_q.weight)  # zero queries: softmax(M) = C, so A = I at init
+        nn.init.zeros_(self.attn_q.bias)
+        self.identity_gain = nn.Parameter(torch.ones(heads))  # alpha
+        self.attention_gain = nn.Parameter(torch.ones(heads))  # beta, also on C
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                c_fc=nn.Linear(width, mlp_width),
+                gelu=act_layer(),
+                c_proj=nn.Linear(mlp_width, width),
+            )
+        )
+        self.mlp_gain = nn.Parameter(torch.tensor(SAS_P_MLP_GAIN))  # beta_FF
+
+    def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer asks its first block
+        return self.mlp.c_fc.weight.dtype
+
+    def attention_matrix(self, h: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """A for normalised input ``h`` (B, T, W): shape (B, heads, T, T)."""
+        b, t, w = h.shape
+        q = self.attn_q(h).view(b, t, self.heads, -1).transpose(1, 2)
+        k = self.attn_k(h).view(b, t, self.heads, -1).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(w // self.heads)
+        mask = _additive_mask(attn_mask, b, self.heads, t, h.dtype, h.device)
+        centre = torch.softmax(mask.expand(-1, -1, t, t), dim=-1)
+        shaped = torch.softmax(scores + mask, dim=-1) - centre
+        eye = torch.eye(t, dtype=h.dtype, device=h.device)
+        alpha = self.identity_gain.view(1, -1, 1, 1)
+        beta = self.attention_gain.view(1, -1, 1, 1)
+        return alpha * eye + beta * shaped
+
+    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        if k_x is not None or v_x is not None:
+            raise NotImplementedError("SAS-P blocks do self-attention only")
+        h = self.ln_1(q_x)
+        b, t, w = h.shape
+        values = h.view(b, t, self.heads, -1).transpose(1, 2)  # W_V = I: heads split LN(x)
+        mixed = (self.attention_matrix(h, attn_mask) @ values).transpose(1, 2).reshape(b, t, w)
+        return mixed + self.mlp_gain * self.mlp(h)
+
+
+def _additive_mask(mask, b: int, heads: int, t: int, dtype, device) -> torch.Tensor:
+    """open_clip's mask (None, bool or additive; (T, T) or (B*heads, T, T)) as (B|1, H|1, T|1, T)."""
+    if mask is None:
+        return torch.zeros(1, 1, 1, t, dtype=dtype, device=device)
+    if mask.dtype == torch.bool:  # True = may not attend, as in open_clip's Attention
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask, float("-inf"))
+    mask = mask.to(dtype)
+    if mask.ndim == 3:
+        return mask.reshape(b, heads, t, t)
+    return mask.view(1, 1, t, t)
+
+
+# ---------------------------------------------------------------- student surgery
+
+
+def towers(model: nn.Module, which: str) -> list[nn.Module]:
+    """The ``Transformer`` modules (vision and/or text) that ``which`` names."""
+    if which not in TOWERS:
+        raise ConfigError(f"siclip tower choice {which!r}; choose one of {TOWERS}")
+    vision = model.visual.transformer
+    text = model.transformer if hasattr(model, "transformer") else model.text.transformer
+    return {"none": [], "vision": [vision], "text": [text], "both": [vision, text]}[which]
+
+
+def use_sas_p_blocks(transformer: nn.Module) -> None:
+    """Replace every block of an open_clip ``Transformer`` by a SAS-P block of the same sizes."""
+    if not transformer.batch_first:
+        raise models.ModelError("SAS-P blocks need a batch-first open_clip Transformer")
+    for i, block in enumerate(transformer.resblocks):
+        if not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
+            raise models.ModelError(f"SAS-P cannot replace block {i} ({type(block).__name__})")
+        transformer.resblocks[i] = SasPBlock(
+            block.ln_1.normalized_shape[0], block.attn.num_heads, block.mlp.c_fc.out_features,
+            act_layer=type(block.mlp.gelu), norm_layer=type(block.ln_1),
+        )  # fmt: skip
+
+
+def share_adjacent_blocks(transformer: nn.Module) -> None:
+    """Blocks 2k and 2k+1 become one module: one set of parameters, applied twice in a row."""
+    blocks = transformer.resblocks
+    for k in range(0, len(blocks) - 1, 2):
+        blocks[k + 1] = blocks[k]
+
+
+@torch.no_grad()
+def inherit_weights(student: nn.Module, teacher: nn.Module) -> int:
+    """Copy teacher tensors into the student where names and shapes match; returns how many."""
+    source = teacher.state_dict()
+    target = student.state_dict()
+    copied = 0
+    for name, tensor in target.items():
+        if name in source and source[name].shape == tensor.shape:
+            tensor.copy_(source[name])
+            copied += 1
+    return copied
+
+
+# ---------------------------------------------------------------- the teacher
+
+
+class Teacher:
+    """A frozen CLIP built from a harness run directory or an open_clip pretrained tag."""
+
+    def __init__(self, model: nn.Module, cfg: dict[str, Any], *, source: str, location: str):
+        model.eval().requires_grad_(False)
+        self.model, self.cfg, self.source, self.location = model, cfg, source, location
+        self.sha256 = weights_sha256(model)
+        check_tokenizer(cfg, location)
+        mean_std = getattr(model.visual, "preprocess_cfg", {})
+        self.mean = tuple(mean_std.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(mean_std.get("std", open_clip.OPENAI_DATASET_STD))
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> Teacher:
+        run_dir = Path(run_dir).resolve()
+        record = check_teacher_run_dir(run_dir)
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten anyway
+            model = models.build_clip(record["model_config"])
+        state = checkpoint.load(checkpoint.latest(run_dir))
+        checkpoint.load_state_strict(model, state["model"], f"siclip teacher {run_dir}")
+        return cls(model, record["model_config"], source="run_dir", location=str(run_dir))
+
+    @classmethod
+    def from_pretrained(cls, name: str, tag: str) -> Teacher:
+        with torch.random.fork_rng(devices=[]):
+            model = open_clip.create_model(name, pretrained=tag)  # downloads on first use
+        cfg = models.model_config(name)
+        return cls(model, cfg, source="open_clip", location=f"{name}:{tag}")
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normalised teacher embeddings of a batch prepared for the student."""
+        images = self._images(images)
+        tokens = fit_context(tokens, models.context_length(self.cfg))
+        pooled = self.model.visual(images)
+        pooled = pooled[0] if isinstance(pooled, tuple) else pooled
+        text = self.model.encode_text(tokens)
+        return models.normalize(pooled), models.normalize(text), self.model.logit_scale.exp()
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        size = models.image_size(self.cfg)
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(
+                images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        if (self.mean, self.std) != (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD):
+            ours = _stats(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, images)
+            theirs = _stats(self.mean, self.std, images)
+            images = (images * ours[1] + ours[0] - theirs[0]) / theirs[1]
+        return images
+
+    def describe(self) -> dict[str, Any]:
+        info = {
+            "source": self.source,
+            "location": self.location,
+            "sha256": self.sha256,
+            "embed_dim": self.cfg["embed_dim"],
+            "params": sum(p.numel() for p in self.model.parameters()),
+        }
+        if self.source == "run_dir":
+            info["eval"] = rundir.read_json(Path(self.location) / "eval.json")
+        return info
+
+
+def _stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    view = (1, 3, 1, 1)
+    return (
+        torch.tensor(mean, dtype=like.dtype, device=like.device).view(view),
+        torch.tensor(std, dtype=like.dtype, device=like.device).view(view),
+    )
+
+
+def check_teacher_run_dir(run_dir: Path) -> dict[str, Any]:
+    record = rundir.read_json(run_dir / "run.json")
+    if record is None or "model_config" not in record:
+        raise ConfigError(
+            f"siclip.teacher={str(run_dir)!r} is not a run directory of this harness "
+            "(no run.json with a model_config)"
+        )
+    if not checkpoint.latest(run_dir).exists():
+        raise ConfigError(f"siclip.teacher={str(run_dir)!r} has no {checkpoint.latest(run_dir)}")
+    return record
+
+
+def check_tokenizer(cfg: dict[str, Any], where: str) -> None:
+    text = cfg["text_cfg"]
+    if text.get("hf_tokenizer_name") or text.get("vocab_size", CLIP_VOCAB) != CLIP_VOCAB:
+        raise ConfigError(
+            f"siclip teacher {where}: its text tower does not use the CLIP BPE tokenizer "
+            f"(vocab {text.get('vocab_size')}, {text.get('hf_tokenizer_name')}); the student's "
+            "tokens cannot be fed to it"
+        )
+
+
+def fit_context(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad or cut token rows to ``length``; a cut row keeps its end-of-text token last."""
+    if tokens.shape[1] == length:
+        return tokens
+    if tokens.shape[1] < length:
+        return F.pad(tokens, (0, length - tokens.shape[1]))
+    cut = tokens[:, :length].clone()
+    lost = (cut == EOT_TOKEN).sum(dim=1) == 0
+    cut[lost, -1] = EOT_TOKEN
+    return cut
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Content hash of a model's weights (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_teacher_run_dir(run_dir: Path, model_cfg: dict[str, Any], *, seed: int = 0) -> Path:
+    """A minimal run directory holding a randomly initialised CLIP (tests, benchmarks)."""
+    if checkpoint.latest(run_dir).exists():
+        return run_dir
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = models.build_clip(model_cfg)
+    write_json_atomic(
+        run_dir / "run.json",
+        {"method": "clip", "model_config": model_cfg, "note": "random-init example teacher"},
+    )
+    checkpoint.save(checkpoint.latest(run_dir), {"model": model.state_dict()})
+    return run_dir
+
+
+# ---------------------------------------------------------------- the method
+
+
+@register("siclip")
+class SiClip(Method):
+    decisions = (
+        f"report label: {LABEL}; paper code not public",
+        "ICL scale s_x = exp(theta_x), own parameter, theta_x init log(1/0.07), clamped at 100",
+        "FD map P: identity when embedding widths match, else learned bias-free linear; "
+        "ICL uses the projected student embeddings",
+        "PM head: Linear(4d,d)-GELU-Linear(d,2) on [f; g; f*g; |f-g|] of student embeddings",
+        "PM negatives ~ softmax of the student's detached scaled logits, diagonal masked, "
+        "Gumbel-max on the global batch with noise seeded by (siclip.seed, step)",
+        "harness teacher: clip on teacher_model, batch teacher_batch_size, "
+        "teacher_samples_factor x the student's samples, shared stage reused by config hash",
+        "teacher inputs resized / re-normalised / re-padded when its sizes differ",
+        "weight inheritance after the SAS-P swap, before block sharing",
+        "block sharing: block 2k+1 is block 2k; an odd last block stays unshared",
+        "SAS-P: A LN(x) + beta_FF MLP(LN(x)), W_V = W_O = I, A = alpha I + beta (softmax - C), "
+        "W_Q = 0, alpha = beta = 1, beta_FF = 0.1 at init: attention path identity on LN(x)",
+        "SAS-P causal text tower: C = softmax(causal mask), uniform over visible tokens",
+    )
+
+    def __init__(
+        self,
+        *,
+        teacher: str | None = None,
+        teacher_model: str = "tiny-vit-teacher",
+        teacher_pretrained: str | None = None,
+        teacher_batch_size: int = 512,
+        teacher_samples_factor: float = 2.0,
+        clip_weight: float = 1.0,
+        fd_weight: float = 2000.0,
+        crd_weight: float = 1.0,
+        icl_weight: float = 1.0,
+        pm_weight: float = 1.0,
+        inherit_from_teacher: bool = False,
+        share_blocks: str = "none",
+        sas_p_blocks: str = "none",
+        seed: int = 0,
+    ):
+        super().__init__()
+        for key, value in (("share_blocks", share_blocks), ("sas_p_blocks", sas_p_blocks)):
+            if value not in TOWERS:
+                raise ConfigError(f"siclip.{key}={value!r}; choose one of {TOWERS}")
+        if teacher and teacher_pretrained:
+            raise ConfigError("set siclip.teacher or siclip.teacher_pretrained, not both")
+        if teacher:
+            check_teacher_run_dir(Path(teacher).resolve())  # fail before any compute
+        self.teacher_dir = teacher
+        self.teacher_model = teacher_model
+        self.teacher_pretrained = teacher_pretrained
+        self.teacher_batch_size = teacher_batch_size
+        self.teacher_samples_factor = teacher_samples_factor
+        self.weights = dict(
+            contrastive=clip_weight, fd=fd_weight, crd=crd_weight, icl=icl_weight, pm=pm_weight
+        )
+        self.inherit = inherit_from_teacher
+        self.share_blocks = share_blocks
+        self.sas_p_blocks = sas_p_blocks
+        self.seed = seed
+        self.icl_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self._frozen: dict[str, Teacher] = {}  # plain dict: not a submodule
+        self._step = 0  # pair-matching noise counter, saved in the extra state
+        self._student: dict[str, Any] = {}
+
+    # -- the teacher --------------------------------------------------
+    @property
+    def has_teacher(self) -> bool:
+        return bool(self.teacher_dir or self.teacher_pretrained)
+
+    def teacher(self) -> Teacher:
+        """The frozen teacher, loaded on first use (planning stages never loads it)."""
+        if "teacher" not in self._frozen:
+            if not self.has_teacher:
+                raise ConfigError(
+                    "siclip has no teacher: run it with harness.run (which trains one first), "
+                    "or set siclip.teacher to a run directory or siclip.teacher_pretrained"
+                )
+            self._frozen["teacher"] = (
+                Teacher.from_run_dir(self.teacher_dir)
+                if self.teacher_dir
+                else Teacher.from_pretrained(self.teacher_model, self.teacher_pretrained)
+            )
+        return self._frozen["teacher"]
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher().model} if self.has_teacher else {}
+
+    def stages(self, run: RunInfo) -> list[Stage]:
+        if self.has_teacher:
+            return [Stage("main")]
+        check_tokenizer(models.model_config(self.teacher_model), self.teacher_model)
+        teacher = Stage(
+            "teacher",
+            bindings=(
+                "METHOD = 'clip'",
+                f"MODEL = '{self.teacher_model}'",
+                f"BATCH_SIZE = {self.teacher_batch_size}",
+                f"TRAIN_SAMPLES = {round(self.teacher_samples_factor * run.train_samples)}",
+            ),
+            shared=True,
+        )
+        return [teacher, Stage("student", inputs={"siclip.teacher": "teacher"})]
+
+    # -- building -----------------------------------------------------
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        teacher = self.teacher()
+        dim, teacher_dim = model_cfg["embed_dim"], teacher.cfg["embed_dim"]
+        with torch.random.fork_rng(devices=[]):  # the student's init stays clip's at one seed
+            torch.manual_seed(self.seed)
+            self.fd_image, self.fd_text = (
+                nn.Identity() if dim == teacher_dim else nn.Linear(dim, teacher_dim, bias=False)
+                for _ in range(2)
+            )
+            self.pm_head = PairMatchingHead(dim)
+        model = models.build_clip(model_cfg)
+        for transformer in towers(model, self.sas_p_blocks):
+            use_sas_p_blocks(transformer)
+        inherited = inherit_weights(model, teacher.model) if self.inherit else 0
+        for transformer in towers(model, self.share_blocks):
+            share_adjacent_blocks(transformer)
+        self._student = {
+            "params": sum(p.numel() for p in model.parameters()),  # shared weights count once
+            "tensors": len(model.state_dict()),
+            "inherited_tensors": inherited,
+        }
+        return model
+
+    # -- training -----------------------------------------------------
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        image = models.normalize(models.encode_image(model, batch["image"])[0])
+        text = models.normalize(models.encode_text(model, batch["text"]))
+        t_image, t_text, t_scale = self.teacher().embed(batch["image"], batch["text"])
+        n_global = image.shape[0] * distributed.world_size()
+        noise = gumbel_noise(n_global, seed=self.seed, step=self._step)
+        self._step += 1
+        return {
+            "image": image,
+            "text": text,
+            "image_proj": _project(self.fd_image, image),
+            "text_proj": _project(self.fd_text, text),
+            "teacher_image": t_image,
+            "teacher_text": t_text,
+            "logit_scale": model.logit_scale.exp(),
+            "teacher_logit_scale": t_scale,
+            "icl_logit_scale": self.icl_logit_scale.exp(),
+            "pm_noise": noise,
+        }
+
+    def loss(self, outputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        o = outputs
+        image, text = o["image"], o["text"]
+        all_image = distributed.all_gather_with_grad(image)
+        all_text = distributed.all_gather_with_grad(text)
+        t_all_image = distributed.all_gather(o["teacher_image"])  # the teacher needs no grad
+        t_all_text = distributed.all_gather(o["teacher_text"])
+        student = cross_logits(image, text, all_image, all_text, o["logit_scale"])
+        teacher = cross_logits(
+            o["teacher_image"], o["teacher_text"], t_all_image, t_all_text, o["teacher_logit_scale"]
+        )
+        interactive = cross_logits(
+            o["image_proj"], o["text_proj"], t_all_image, t_all_text, o["icl_logit_scale"]
+        )
+        raw = {
+            "contrastive": contrastive_ce(*student),
+            "fd": fd_loss(o["image_proj"], o["text_proj"], o["teacher_image"], o["teacher_text"]),
+            "crd": crd_loss(student, teacher),
+            "icl": contrastive_ce(*interactive),
+            "pm": self._pair_matching(image, text, all_image, all_text, student, o["pm_noise"]),
+        }
+        terms = {f"{k}_loss": self.weights[k] * v for k, v in raw.items()}  # summed by trainer
+        terms.update({f"{k}_unweighted": v.detach() for k, v in raw.items() if k != "contrastive"})
+        terms["logit_scale"] = o["logit_scale"].detach()
+        terms["icl_logit_scale"] = o["icl_logit_scale"].detach()
+        return terms
+
+    def _pair_matching(self, image, text, all_image, all_text, student_logits, noise):
+        n = image.shape[0]
+        offset = n * distributed.rank()
+        local = noise[:, offset : offset + n]
+        negative_text = sample_negatives(student_logits[0], local[0], offset=offset)
+        negative_image = sample_negatives(student_logits[1], local[1], offset=offset)
+        return pm_loss(
+            self.pm_head, image, text,
+            negative_text=all_text[negative_text], negative_image=all_image[negative_image],
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        super().after_step(model)
+        self.icl_logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
+
+    # -- records ------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "label": LABEL,
+            "weights": dict(self.weights),
+            "teacher": self.teacher().describe() if self.has_teacher else None,
+            "student": {
+                "inherit_from_teacher": self.inherit,
+                "share_blocks": self.share_blocks,
+                "sas_p_blocks": self.sas_p_blocks,
+                **self._student,
+            },
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        teacher = self.teacher() if self.has_teacher else None
+        return {
+            "teacher": teacher.location if teacher else "",
+            "teacher_sha256": teacher.sha256 if teacher else "",
+            "pm_step": self._step,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if self.has_teacher and state.get("teacher_sha256"):
+            ours = self.teacher()
+            if state["teacher_sha256"] != ours.sha256:
+                raise checkpoint.CheckpointError(
+                    f"this siclip checkpoint was trained with teacher {state['teacher']} "
+                    f"(sha256 {state['teacher_sha256'][:12]}), but the configured teacher "
+                    f"{ours.location} has sha256 {ours.sha256[:12]}"
+                )
+        self._step = int(state.get("pm_step", 0))
+
+    @classmethod
+    def example_bindings(cls, workdir: Path, model_cfg: dict[str, Any]) -> list[str]:
+        """A random-init teacher like ``model_cfg`` with a wider embedding (exercises P)."""
+        cfg = copy.deepcopy(model_cfg)
+        cfg["embed_dim"] += 16
+        tag = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+        run_dir = write_teacher_run_dir(Path(workdir) / f"siclip-teacher-{tag}", cfg)
+        return [f"siclip.teacher = '{run_dir.resolve()}'"]
+
+
+def _project(projection: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x if isinstance(projection, nn.Identity) else models.normalize(projection(x))
