@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness import distributed
 from harness.data import prepare_batch
 
 EOT_TOKEN = 49407  # CLIP BPE end-of-text id: text pooling picks the argmax id
@@ -42,18 +43,21 @@ def parameter_counts(model: nn.Module, method: nn.Module) -> dict[str, int]:
 
     model_ids = {id(p) for p in model.parameters()}
     extra = [p for p in method.parameters() if id(p) not in model_ids]
+    # state the method optimises on its own (e.g. NeuCLIP's prototypes) counts as trainable
+    learned = sum(getattr(method, name).numel() for name in method.learned_buffers)
     # modules the method runs but never trains (a teacher): frozen, and part of the total
     outside = {name: count(m.parameters()) for name, m in method.frozen_modules().items()}
     n_outside = sum(outside.values())
     return {
         "params_model": count(model.parameters()),
         "params_model_trainable": count(model.parameters(), True),
-        "params_method_extra": count(extra),
-        "params_method_extra_trainable": count(extra, True),
+        "params_method_extra": count(extra) + learned,
+        "params_method_extra_trainable": count(extra, True) + learned,
+        "params_method_learned_buffers": learned,
         **{f"params_{name}": n for name, n in outside.items()},
         "params_frozen": count(model.parameters(), False) + count(extra, False) + n_outside,
-        "params_trainable": count(model.parameters(), True) + count(extra, True),
-        "params_total": count(model.parameters()) + count(extra) + n_outside,
+        "params_trainable": count(model.parameters(), True) + count(extra, True) + learned,
+        "params_total": count(model.parameters()) + count(extra) + learned + n_outside,
     }
 
 
@@ -72,6 +76,10 @@ def count_costs(
     counts = parameter_counts(step_module.model, step_module.method)
     twin = copy.deepcopy(step_module)
     batch = prepare_batch(synthetic_batch(per_rank_batch, image_size, context_length), device)
+    warmup = twin.method.cost_warmup_steps(per_rank_batch * distributed.world_size())
+    for _ in range(warmup):  # reach the method's steady state (on the copy) before counting
+        with autocast_ctx:
+            total_loss(twin(batch)).backward()
     with FlopCounterMode(display=False) as counter:
         with autocast_ctx:
             terms = twin(batch)
@@ -92,6 +100,7 @@ def count_costs(
         **counts,
         "train_flops_per_sample": train_flops / per_rank_batch,
         "train_flops_batch": per_rank_batch,
+        "train_flops_warmup_steps": warmup,
         "inference_flops_per_image": image_flops,
         "inference_flops_per_caption": text_flops,
     }

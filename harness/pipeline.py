@@ -136,7 +136,7 @@ def run_pipeline(
     for run in runs:
         config.parse(config_files, run.bindings)
         guard = (
-            _lock(run.run_dir.with_suffix(".lock"))
+            _lock(run.run_dir / ".lock")  # inside the stage directory
             if run.stage.shared
             else contextlib.nullcontext()
         )

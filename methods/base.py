@@ -77,6 +77,15 @@ class Method(nn.Module):
         """The runs this method needs, in order; the last one is the method's result."""
         return [Stage("main")]
 
+    # Buffers the method optimises itself, outside AdamW (NeuCLIP's prototypes): costs.json
+    # counts them as trainable parameters of the method.
+    learned_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def cost_warmup_steps(self, global_batch: int) -> int:
+        """Steps to run before FLOPs are counted, so the count is of a steady-state step
+        (e.g. until a queue is full); default 0."""
+        return 0
+
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Modules the method runs but never trains or saves (e.g. a teacher), by name."""
         return {}

@@ -187,6 +187,7 @@ def _read_counters(module: NeuClip, incompatible_keys: Any = None) -> None:
 
 @register("neuclip")
 class NeuClip(Method):
+    learned_buffers = ("w1", "w2")  # the NPN's 2·m·d prototypes, trained by its own AdaGrad
     decisions = (
         "restarts draw from a FIFO queue of the most recent detached global-batch embeddings "
         "(capacity m); before it is full, m_eff = queue size",
@@ -241,6 +242,10 @@ class NeuClip(Method):
         """W1 (text prototypes), W2 (image prototypes), their AdaGrad sums, the queue: m x dim."""
         for name in ("w1", "w2", "w1_sumsq", "w2_sumsq", "queue_image", "queue_text"):
             self.register_buffer(name, torch.zeros(self.num_prototypes, dim))
+
+    def cost_warmup_steps(self, global_batch: int) -> int:
+        """Fill the queue first, so FLOPs are counted with m prototypes, not with m_eff = N."""
+        return math.ceil(self.num_prototypes / global_batch)
 
     def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
         model = super().build_model(model_cfg)

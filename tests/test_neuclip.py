@@ -245,3 +245,24 @@ def test_two_processes_hold_the_single_process_prototypes(micro_cfg, tmp_path):
                 assert_close_to_scale(result["state"][key], value, key)
             else:
                 assert torch.equal(result["state"][key], value), key
+
+
+def test_costs_count_the_prototypes_and_a_full_queue(micro_cfg):
+    """The NPN's 2*m*d prototypes are parameters in costs.json, and FLOPs are counted with m
+    prototypes (queue full), not with m_eff = N at the first step."""
+    import contextlib
+
+    from harness.costs import count_costs
+    from tests.dist_utils import build
+
+    def costs(m):
+        step = build("neuclip", micro_cfg, [f"neuclip.num_prototypes={m}"])
+        return count_costs(step, per_rank_batch=8, image_size=32, context_length=36,
+                           device=torch.device("cpu"), autocast_ctx=contextlib.nullcontext())  # fmt: skip
+
+    small, large = costs(16), costs(64)
+    dim = micro_cfg["embed_dim"]
+    assert small["params_method_learned_buffers"] == 2 * 16 * dim
+    assert large["params_trainable"] - small["params_trainable"] == 2 * (64 - 16) * dim
+    assert large["train_flops_warmup_steps"] == 8  # 64 prototypes / 8 samples per step
+    assert large["train_flops_per_sample"] > small["train_flops_per_sample"]  # more prototypes

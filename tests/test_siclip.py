@@ -283,14 +283,14 @@ def test_teacher_inputs_are_adapted_to_its_image_size_and_context(tmp_path, micr
 
 
 def test_stages_train_a_shared_teacher_unless_one_is_given(teacher_dir):
-    _, stages = plan_stages([REPO / "configs/smoke.gin"], ["METHOD='siclip'", "BATCH_SIZE=32"])
+    stages = plan_stages([REPO / "configs/smoke.gin"], ["METHOD='siclip'", "BATCH_SIZE=32"])
     teacher, student = stages
     assert teacher.shared and teacher.name == "teacher"
     assert set(teacher.bindings) == {
         "METHOD = 'clip'", "MODEL = 'tiny-vit-teacher'", "BATCH_SIZE = 512", "TRAIN_SAMPLES = 1280",
     }  # fmt: skip
     assert dict(student.inputs) == {"siclip.teacher": "teacher"}
-    _, stages = plan_stages(
+    stages = plan_stages(
         [REPO / "configs/smoke.gin"], ["METHOD='siclip'", f"siclip.teacher='{teacher_dir}'"]
     )
     assert [s.name for s in stages] == ["main"]

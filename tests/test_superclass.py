@@ -74,7 +74,7 @@ def test_stages_bind_stage1_into_lit_with_a_fraction_of_the_budget():
     assert dict(stages[1].inputs) == {"superclass.init_from": "cls"}
     assert "TRAIN_SAMPLES = 500" in stages[1].bindings
     assert "superclass.phase = 'lit'" in stages[1].bindings
-    _, planned = plan_stages(SMOKE, ["METHOD='superclass'", "superclass.lit_samples_fraction=0.25"])
+    planned = plan_stages(SMOKE, ["METHOD='superclass'", "superclass.lit_samples_fraction=0.25"])
     assert "TRAIN_SAMPLES = 160" in planned[1].bindings  # smoke.gin: TRAIN_SAMPLES = 640
 
 
