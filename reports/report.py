@@ -181,6 +181,7 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
         "peak mem (MB)",
         "train GFLOP/sample",
         "MFU",
+        "corrupt samples",
     ]
     rows = []
     for method in sweep.methods:
