@@ -21,5 +21,7 @@ def report_errors():
     try:
         yield
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        # gin appends "In call to configurable ..." to errors raised inside a configurable
+        message = str(e).split("\n  In call to configurable")[0]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -7,6 +7,7 @@ batch size against world size and dataset), and each problem is one clear error.
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -109,6 +110,13 @@ def write_provenance(run_dir: Path, b: Built, derived: dict[str, Any]) -> None:
     write_json_atomic(run_dir / "run.json", record)
 
 
+def set_deterministic() -> None:
+    """Repeatable kernels: resumed and uninterrupted runs then agree (tests/test_run.py)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def run_one(run_dir: Path | None, *, resume: bool = False) -> Path:
     """Train and evaluate the currently parsed config into ``run_dir``; returns the run dir."""
     spec = config.resolve()
@@ -124,6 +132,8 @@ def run_one(run_dir: Path | None, *, resume: bool = False) -> Path:
         print(f"{run_dir}: already finished; results in {run_dir / 'eval.json'}")
         return run_dir
     resuming = prepare_run_dir(run_dir, resume=resume)
+    if spec.train.deterministic:
+        set_deterministic()
     torch.manual_seed(spec.train.seed)
     model = method.build_model(model_cfg)
     trainer = Trainer(

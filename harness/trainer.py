@@ -69,6 +69,7 @@ class TrainConfig:
     log_every_steps: int = 10
     checkpoint_every_samples: int = 20_000  # 0: only at the end (and on interrupt)
     progress_bar: bool = True
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable kernels
 
     def __post_init__(self) -> None:
         checks = {

@@ -219,3 +219,13 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, tiny_data):
     assert 3 * 5 <= corrupt <= 5 * 5
     assert read_metrics(out / "metrics.jsonl")[-1]["corrupt_samples"] == corrupt
     assert Path(out / "eval.json").exists()
+
+
+def test_a_missing_teacher_checkpoint_is_refused_before_any_work(tiny_data, tmp_path):
+    out = tmp_path / "student"
+    argv = [*smoke(out, tiny_data), "--gin_param", "METHOD='siclip'",
+            "--gin_param", f"siclip.teacher='{tmp_path}/no/such/run'"]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "no/such/run' is not a run directory of this harness" in done.stderr
+    assert "In call to configurable" not in done.stderr and not out.exists()
