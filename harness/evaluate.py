@@ -75,7 +75,7 @@ def retrieval_ranks(
 
 
 def recall_at(ranks: torch.Tensor, k: int) -> float:
-    return 100.0 * (ranks < k).float().mean().item()
+    return 100.0 * int((ranks < k).sum()) / len(ranks)  # exact: counts, not a float32 mean
 
 
 def retrieval_metrics(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]:
@@ -228,7 +228,7 @@ def _zero_shot(method, model, manifest, test, tokenize, device):
         classifier = zero_shot_classifier(method, model, task, tokenize, device).cpu()
         pred = (test.image[has] @ classifier.T).argmax(1)
         correct = (pred == test.labels[has, t]).long()
-        metrics[f"zeroshot_{task.name}_top1"] = 100.0 * correct.float().mean().item()
+        metrics[f"zeroshot_{task.name}_top1"] = 100.0 * int(correct.sum()) / len(correct)
         per_query[f"zeroshot_{task.name}_correct"] = correct.tolist()
         accs.append(metrics[f"zeroshot_{task.name}_top1"])
     if accs:

@@ -101,13 +101,20 @@ class Method(nn.Module):
         """JSON facts about this configured method, recorded in run.json as ``method_info``."""
         return {}
 
+    # Named configurations the registry-parametrised tests run, each held to the same checks
+    # (a multi-stage method's later stages, a method's optional student variants...).
+    example_variants: ClassVar[tuple[str, ...]] = ("default",)
+
     @classmethod
-    def example_bindings(cls, workdir: Path, model_cfg: dict[str, Any]) -> list[str]:
+    def example_bindings(
+        cls, workdir: Path, model_cfg: dict[str, Any], variant: str = "default"
+    ) -> list[str]:
         """Gin bindings that let the method run one step on its own, outside any pipeline.
 
         For tests and benchmarks that build a method by name (default: none needed). A method
         that needs an input an earlier stage would produce (a teacher checkpoint, say) writes a
         small deterministic one under ``workdir`` for a model configured by ``model_cfg``.
+        ``variant`` is one of ``example_variants``.
         """
         return []
 

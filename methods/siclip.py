@@ -93,6 +93,14 @@ SAS_P_MLP_GAIN = 0.1  # the authors' beta_FF initialisation
 # ---------------------------------------------------------------- loss terms
 
 
+# student options the registry tests run in addition to the default student
+VARIANT_BINDINGS = {
+    "default": [],
+    "sas_p": ["siclip.sas_p_blocks = 'both'"],
+    "shared_blocks": ["siclip.share_blocks = 'both'", "siclip.inherit_from_teacher = True"],
+}
+
+
 def fd_loss(image: torch.Tensor, text: torch.Tensor, t_image: torch.Tensor, t_text: torch.Tensor):
     """Feature distillation: MSE of the (projected, re-normalised) student to the teacher."""
     return F.mse_loss(image.float(), t_image.float()) + F.mse_loss(text.float(), t_text.float())
@@ -617,6 +625,8 @@ class SiClip(Method):
             },
         }
 
+    example_variants = tuple(VARIANT_BINDINGS)
+
     def get_extra_state(self) -> dict[str, Any]:
         teacher = self.teacher() if self.has_teacher else None
         return {
@@ -637,13 +647,16 @@ class SiClip(Method):
         self._step = int(state.get("pm_step", 0))
 
     @classmethod
-    def example_bindings(cls, workdir: Path, model_cfg: dict[str, Any]) -> list[str]:
-        """A random-init teacher like ``model_cfg`` with a wider embedding (exercises P)."""
+    def example_bindings(
+        cls, workdir: Path, model_cfg: dict[str, Any], variant: str = "default"
+    ) -> list[str]:
+        """A random-init teacher like ``model_cfg`` with a wider embedding (exercises P), plus
+        the student option the variant names."""
         cfg = copy.deepcopy(model_cfg)
         cfg["embed_dim"] += 16
         tag = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
         run_dir = write_teacher_run_dir(Path(workdir) / f"siclip-teacher-{tag}", cfg)
-        return [f"siclip.teacher = '{run_dir.resolve()}'"]
+        return [f"siclip.teacher = '{run_dir.resolve()}'", *VARIANT_BINDINGS[variant]]
 
 
 def _project(projection: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ after LiT on the same features (the trunk is frozen; only the final norm changes
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,19 @@ class SuperClass(Method):
         self.lit_samples_fraction = lit_samples_fraction
         self.classifier: TokenClassifier | None = None
 
+    example_variants = PHASES
+
+    @classmethod
+    def example_bindings(
+        cls, workdir: Path, model_cfg: dict[str, Any], variant: str = "cls"
+    ) -> list[str]:
+        """Stage 1 needs nothing; the LiT phase needs a stage-1 tower, written under workdir."""
+        if variant in ("cls", "default"):
+            return []
+        tag = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:10]
+        run_dir = write_stage1_run_dir(Path(workdir) / f"superclass-stage1-{tag}", model_cfg)
+        return ["superclass.phase = 'lit'", f"superclass.init_from = '{run_dir.resolve()}'"]
+
     def stages(self, run: RunInfo) -> list[Stage]:
         lit_samples = max(1, round(self.lit_samples_fraction * run.train_samples))
         return [
@@ -137,6 +152,15 @@ class SuperClass(Method):
     # -- evaluation ---------------------------------------------------
     def probe_features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return mean_patch_tokens(model, images)
+
+
+def write_stage1_run_dir(run_dir: Path, model_cfg: dict[str, Any], *, seed: int = 0) -> Path:
+    """A stage-1 checkpoint of a randomly initialised tower (for tests and benchmarks)."""
+    if not checkpoint.latest(run_dir).exists():
+        torch.manual_seed(seed)
+        tower = SuperClass(phase="cls").build_model(model_cfg)
+        checkpoint.save(checkpoint.latest(run_dir), {"model": tower.state_dict()})
+    return run_dir
 
 
 def load_image_tower(visual: nn.Module, run_dir: Path) -> None:

@@ -46,7 +46,12 @@ def method_bindings(tmp_path_factory, micro_cfg):
     import methods
 
     workdir = tmp_path_factory.mktemp("method-inputs")
-    return lambda name: methods.method_class(name).example_bindings(workdir, micro_cfg)
+
+    def bindings(name: str, variant: str | None = None) -> list[str]:
+        cls = methods.method_class(name)
+        return cls.example_bindings(workdir, micro_cfg, variant or cls.example_variants[0])
+
+    return bindings
 
 
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:

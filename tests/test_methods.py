@@ -9,6 +9,13 @@ from methods.common import clip_loss
 from tests.dist_utils import build, make_batch, one_step, run_distributed
 
 METHODS = methods.registered_names()
+# every registered method in every configuration it declares (superclass's LiT phase, siclip's
+# student options...): a new method or variant is covered without a new test
+CASES = [
+    pytest.param(name, variant, id=name if variant in ("default", "cls") else f"{name}-{variant}")
+    for name in METHODS
+    for variant in methods.method_class(name).example_variants
+]
 
 
 def test_unknown_method_lists_the_registered_ones():
@@ -28,9 +35,9 @@ def test_clip_loss_equals_open_clip_cliploss():
     assert ours.item() == pytest.approx(reference.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_step_gives_finite_loss_and_gradients(name, micro_cfg, method_bindings):
-    step = build(name, micro_cfg, method_bindings(name))
+@pytest.mark.parametrize(("name", "variant"), CASES)
+def test_step_gives_finite_loss_and_gradients(name, variant, micro_cfg, method_bindings):
+    step = build(name, micro_cfg, method_bindings(name, variant))
     batch = make_batch(8, 32, 36)
     loss, terms, grads = one_step(step, batch)
     assert torch.isfinite(loss)
@@ -40,9 +47,11 @@ def test_step_gives_finite_loss_and_gradients(name, micro_cfg, method_bindings):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_param_groups_cover_every_trainable_parameter_once(name, micro_cfg, method_bindings):
-    step = build(name, micro_cfg, method_bindings(name))
+@pytest.mark.parametrize(("name", "variant"), CASES)
+def test_param_groups_cover_every_trainable_parameter_once(
+    name, variant, micro_cfg, method_bindings
+):
+    step = build(name, micro_cfg, method_bindings(name, variant))
     groups = step.method.param_groups(step.model, lr=1e-3, weight_decay=0.1)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
@@ -57,7 +66,10 @@ def test_param_groups_cover_every_trainable_parameter_once(name, micro_cfg, meth
     )
 
 
-# Gradient tolerance of the 1-vs-2-process check, relative to each tensor's scale; 1e-5 unless
+# Gradient tolerance of the 1-vs-2-process check, relative to each tensor's scale: 5e-5 (a scalar
+# gain such as SAS-P's mlp_gain sums over every token of the batch and showed 1.5e-5; a real
+# distribution bug -- a missing gather, a wrong label offset, an unsynchronised buffer -- gives
+# errors of order 1), unless
 # the method's own state amplifies the encoders' float32 round-off. neuclip: its T_u = 10 AdaGrad
 # steps on the prototypes move every coordinate by up to lr whatever the size of its gradient, so
 # on this untrained model (image embeddings all within cos 0.97 of each other) round-off in step
@@ -67,11 +79,11 @@ GRAD_RTOL = {"neuclip": 1e-3}
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", METHODS)
-def test_two_gloo_processes_equal_one_process(name, micro_cfg, method_bindings, tmp_path):
+@pytest.mark.parametrize(("name", "variant"), CASES)
+def test_two_gloo_processes_equal_one_process(name, variant, micro_cfg, method_bindings, tmp_path):
     """Loss (averaged over ranks) and DDP-averaged gradients equal the single-process step."""
     batch = make_batch(8, 32, 36)
-    bindings = method_bindings(name)
+    bindings = method_bindings(name, variant)
     single_loss, _, single_grads = one_step(build(name, micro_cfg, bindings), batch, steps=2)
     ranks = run_distributed(name, micro_cfg, bindings, batch, world=2, out=tmp_path, steps=2)
     for result in ranks:
@@ -79,7 +91,7 @@ def test_two_gloo_processes_equal_one_process(name, micro_cfg, method_bindings, 
         assert result["loss"].item() == pytest.approx(single_loss.item(), rel=1e-6, abs=1e-5)
         assert set(result["grads"]) == set(single_grads)
         for key, grad in single_grads.items():
-            assert_close_to_scale(result["grads"][key], grad, key, rel=GRAD_RTOL.get(name, 1e-5))
+            assert_close_to_scale(result["grads"][key], grad, key, rel=GRAD_RTOL.get(name, 5e-5))
     for key, value in ranks[0]["state"].items():  # method state identical on every rank
         other = ranks[1]["state"][key]
         assert torch.equal(other, value) if torch.is_tensor(value) else other == value, key
