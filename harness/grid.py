@@ -172,7 +172,8 @@ def cell_command(
         ]
     else:
         launch = [sys.executable, "-m"]
-    args = ["harness.run", str(config_file), "--cell", "--resume", "--out", str(cell_dir)]
+    args = ["harness.run", str(config_file), "--cell", "--resume", "--out", str(cell_dir),
+            "--shared-root", str(cell_dir.parent.parent / "shared")]  # fmt: skip
     for binding in [*bindings, *cell.bindings]:
         args += ["--gin_param", binding]
     return launch + args

@@ -63,7 +63,8 @@ def _task_script(grid: Grid, harness_args: list[str]) -> str:
 
 
 def _cell_args(config_file: Path, bindings: list[str], cell: Cell, sweep_dir: Path) -> list[str]:
-    args = [str(config_file), "--cell", "--resume", "--out", str(cell.directory(sweep_dir))]
+    args = [str(config_file), "--cell", "--resume", "--out", str(cell.directory(sweep_dir)),
+            "--shared-root", str(sweep_dir / "shared")]  # fmt: skip
     for binding in [*bindings, *cell.bindings]:
         args += ["--gin_param", binding]
     return args
@@ -75,7 +76,10 @@ def shared_stage_jobs(
     """One job per unique shared stage: run the first cell that needs it up to that stage."""
     jobs, seen = [], set()
     for cell in cells:
-        runs = plan_runs([config_file], [*bindings, *cell.bindings], out=cell.directory(sweep_dir))
+        runs = plan_runs(
+            [config_file], [*bindings, *cell.bindings], out=cell.directory(sweep_dir),
+            shared_root=sweep_dir / "shared",
+        )  # fmt: skip
         for run in runs:
             if run.stage.shared and run.run_dir not in seen:
                 seen.add(run.run_dir)

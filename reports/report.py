@@ -150,10 +150,53 @@ def metric_section(sweep: Sweep, metric: str, title: str, groups) -> tuple[str, 
     return text, numbers
 
 
+def gap_slope(sweep: Sweep, groups, method: str, metric: str) -> stats.GapSlope | None:
+    """Does the method's advantage over clip change with the batch? Slope of the paired gap
+    against log2(batch): across seeds when there are several, else a bootstrap over images."""
+    if len(sweep.seeds) >= 2:
+        xs, ms, bs = [], [], []
+        for b in sweep.batches:
+            base = {
+                c.seed: c
+                for c in groups.get((BASELINE, b), [])
+                if c.finished and metric in c.final.metrics
+            }
+            for c in groups.get((method, b), []):
+                if c.finished and metric in c.final.metrics and c.seed in base:
+                    xs.append(b)
+                    ms.append(c.final.metrics[metric])
+                    bs.append(base[c.seed].final.metrics[metric])
+        s = stats.gap_slope_seeds(xs, ms, bs)
+        if s is None or math.isnan(s.low):
+            return None
+        return stats.GapSlope(s.slope, s.low, s.high, float("nan"), "t across seeds")
+    pairs = {}
+    for b in sweep.batches:
+        mine = [c for c in groups.get((method, b), []) if c.finished and c.per_query]
+        base = [c for c in groups.get((BASELINE, b), []) if c.finished and c.per_query]
+        if mine and base:
+            pairs[b] = (
+                stats.Queries.from_json(mine[0].per_query),
+                stats.Queries.from_json(base[0].per_query),
+            )
+    return stats.gap_slope_bootstrap(pairs, metric)
+
+
+def fmt_gap_slope(g: stats.GapSlope | None) -> str:
+    if g is None:
+        return "—"
+    p = (
+        ""
+        if math.isnan(g.p_value)
+        else (" p<0.001" if g.p_value < 0.001 else f" p={g.p_value:.3f}")
+    )
+    return f"{g.slope:+.2f} [{g.low:+.2f}, {g.high:+.2f}]{p}"
+
+
 def comparison_section(sweep: Sweep, groups) -> tuple[str, dict]:
     parts, numbers = [], {}
     for metric in COMPARED:
-        header = ["method", *[f"b={b}" for b in sweep.batches]]
+        header = ["method", *[f"b={b}" for b in sweep.batches], "gap slope / batch doubling"]
         rows = []
         for method in sweep.methods:
             if method == BASELINE:
@@ -162,10 +205,12 @@ def comparison_section(sweep: Sweep, groups) -> tuple[str, dict]:
                 compare(groups.get((method, b), []), groups.get((BASELINE, b), []), metric)
                 for b in sweep.batches
             ]
-            rows.append([method, *[fmt_comparison(c) for c in comps]])
+            trend = gap_slope(sweep, groups, method, metric)
+            rows.append([method, *[fmt_comparison(c) for c in comps], fmt_gap_slope(trend)])
             numbers.setdefault(metric, {})[method] = {
                 b: (c.__dict__ if c else None) for b, c in zip(sweep.batches, comps, strict=True)
             }
+            numbers[metric][method]["gap_slope"] = trend.__dict__ if trend else None
         if any(any(x != "—" for x in r[1:]) for r in rows):
             parts.append(f"#### {metric}: method − {BASELINE}\n\n{table(header, rows)}\n")
     return "\n".join(parts), numbers
@@ -304,7 +349,10 @@ STATS_NOTE = (
     f"{stats.BOOTSTRAP_SAMPLES} resamples of images, each with all its captions). The slope is the "
     "least-squares change of the metric per doubling of the batch (95% CI), over every run of the method. "
     "Comparisons against clip are paired at the same batch and seed: a paired t-test across seeds, or "
-    "with one seed a paired bootstrap over the same resampled test images (two-sided percentile p-value)."
+    "with one seed a paired bootstrap over the same resampled test images (two-sided percentile p-value). "
+    "The gap slope is the change of (method − clip) per doubling of the batch: negative means the "
+    "method's advantage is larger at small batch (the direction SuperCLIP reports); with one seed its "
+    "CI and p-value come from resampling the same test images for every batch and both methods."
 )
 
 

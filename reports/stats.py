@@ -184,3 +184,42 @@ def batch_slope(batches: Sequence[int], values: Sequence[float]) -> Slope | None
         return Slope(float(fit.slope), float("nan"), float("nan"), len(x))
     half = stats.t.ppf((1 + CONFIDENCE) / 2, len(x) - 2) * fit.stderr
     return Slope(float(fit.slope), float(fit.slope - half), float(fit.slope + half), len(x))
+
+
+def gap_slope_seeds(
+    batches: Sequence[int], method: Sequence[float], baseline: Sequence[float]
+) -> Slope | None:
+    """Slope of (method - baseline) against log2(batch) over paired runs (several seeds)."""
+    return batch_slope(batches, np.subtract(method, baseline))
+
+
+@dataclass(frozen=True)
+class GapSlope:
+    slope: float  # change of (method - baseline) per doubling of the batch
+    low: float
+    high: float
+    p_value: float  # two-sided: is the slope different from 0?
+    how: str
+
+
+def gap_slope_bootstrap(pairs: dict[int, tuple[Queries, Queries]], name: str) -> GapSlope | None:
+    """One seed: the same resampled test images for every batch size and both methods, the
+    differences regressed on log2(batch) for each resample; percentile CI and p-value."""
+    fn = metric_from_queries(name)
+    batches = sorted(pairs)
+    if fn is None or len(batches) < 2:
+        return None
+    n = _population(pairs[batches[0]][0], name)
+    if n == 0 or any(_population(q, name) != n for pair in pairs.values() for q in pair):
+        return None
+    x = np.log2(np.asarray(batches, float))
+
+    def slope_for(ids: np.ndarray) -> float:
+        gaps = [fn(pairs[b][0], ids) - fn(pairs[b][1], ids) for b in batches]
+        return float(np.polyfit(x, gaps, 1)[0])
+
+    observed = slope_for(np.arange(n))
+    draws = np.array([slope_for(ids) for ids in _resamples(n)])
+    low, high = np.percentile(draws, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    p = min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean()))
+    return GapSlope(observed, float(low), float(high), float(p), "bootstrap over test images")

@@ -196,3 +196,41 @@ def test_cli(tmp_path, seeded_sweep):
     assert run_cli("reports", str(seeded_sweep)).returncode == 0
     missing = run_cli("reports", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "sweep.json" in missing.stderr
+
+
+def test_gap_slope_across_seeds_matches_linregress(seeded_sweep):
+    build_report(seeded_sweep)
+    numbers = json.loads((seeded_sweep / "report.json").read_text())
+    gap = numbers["comparisons"]["i2t_r1"]["superclip"]["gap_slope"]
+    diffs = np.subtract(SUPER[32], CLIP[32]).tolist() + np.subtract(SUPER[64], CLIP[64]).tolist()
+    fit = sps.linregress(np.log2([32] * 3 + [64] * 3), diffs)
+    assert gap["slope"] == pytest.approx(fit.slope) and gap["how"] == "t across seeds"
+    half = sps.t.ppf(0.975, 4) * fit.stderr
+    assert (gap["low"], gap["high"]) == pytest.approx((fit.slope - half, fit.slope + half))
+
+
+def test_gap_slope_with_one_seed_sees_a_shrinking_advantage(tmp_path):
+    """superclip's extra hits fall from 30% of images at b=32 to 0 at b=128: a negative slope."""
+    rng = np.random.default_rng(2)
+    clip_hits = rng.random(300) < 0.3
+    cells = []
+    for batch, extra in ((32, 0.3), (64, 0.15), (128, 0.0)):
+        sup = clip_hits | (rng.random(300) < extra)
+        for method, hits in (("clip", clip_hits), ("superclip", sup)):
+            cells.append(
+                (
+                    method,
+                    batch,
+                    0,
+                    {"i2t_r1": 100 * hits.mean()},
+                    {"per_query": per_query(300, hits)},
+                )
+            )
+    sweep = write_sweep(tmp_path / "s", cells)
+    build_report(sweep)
+    gap = json.loads((sweep / "report.json").read_text())["comparisons"]["i2t_r1"]["superclip"][
+        "gap_slope"
+    ]
+    assert gap["how"] == "bootstrap over test images"
+    assert gap["high"] < 0 and gap["p_value"] < 0.01 and -20 < gap["slope"] < -8
+    assert "gap slope / batch doubling" in (sweep / "REPORT.md").read_text()
