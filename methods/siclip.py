@@ -66,28 +66,36 @@ import copy
 import hashlib
 import json
 import math
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from harness import checkpoint, distributed, models, rundir
+from harness import checkpoint, distributed, models
 from harness.config import ConfigError
-from harness.manifest import write_json_atomic
 from methods import register
 from methods.base import MAX_LOGIT_SCALE, Method, RunInfo, Stage
 from methods.common import contrastive_ce, cross_logits
+from methods.student_options import (  # noqa: F401 - SasPBlock is part of siclip's API
+    TOWERS,
+    SasPBlock,
+    inherit_weights,
+    share_adjacent_blocks,
+    towers,
+    use_sas_p_blocks,
+)
+from methods.teacher import (  # noqa: F401 - EOT_TOKEN, fit_context are part of siclip's API
+    EOT_TOKEN,
+    Teacher,
+    check_teacher_run_dir,
+    check_tokenizer,
+    fit_context,
+    write_teacher_run_dir,
+)
 
 LABEL = "SiCLIP-style (reconstructed)"
-TOWERS = ("none", "vision", "text", "both")
-CLIP_VOCAB = 49408
-EOT_TOKEN = 49407
-SAS_P_MLP_GAIN = 0.1  # the authors' beta_FF initialisation
 
 
 # ---------------------------------------------------------------- loss terms
@@ -165,257 +173,6 @@ class PairMatchingHead(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.pair_features(image, text))
-
-
-# ---------------------------------------------------------------- SAS-P block
-
-
-class SasPBlock(nn.Module):
-    """Parallel, skipless transformer block with shaped attention (SAS-P, He & Hofmann 2023).
-
-    out = A LN(x) + beta_FF MLP(LN(x)); per head A = alpha I + beta (softmax(QK'/sqrt(d) + M) - C),
-    C = softmax(M) (the attention of zero queries). Values and output projection are the identity.
-    With W_Q = 0, alpha = beta = 1 at init, A = I exactly. Drop-in for open_clip's
-    ``ResidualAttentionBlock`` inside a batch-first ``Transformer`` (self-attention only).
-    """
-
-    def __init__(self, width: int, heads: int, mlp_width: int, *, act_layer, norm_layer):
-        super().__init__()
-        if width % heads:
-            raise models.ModelError(f"SAS-P: width {width} is not divisible by {heads} heads")
-        self.heads = heads
-        self.ln_1 = norm_layer(width)
-        self.attn_q = nn.Linear(width, width)
-        self.attn_k = nn.Linear(width, width)
-        nn.init.zeros_(self.attn_q.weight)  # zero queries: softmax(M) = C, so A = I at init
-        nn.init.zeros_(self.attn_q.bias)
-        self.identity_gain = nn.Parameter(torch.ones(heads))  # alpha
-        self.attention_gain = nn.Parameter(torch.ones(heads))  # beta, also on C
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                c_fc=nn.Linear(width, mlp_width),
-                gelu=act_layer(),
-                c_proj=nn.Linear(mlp_width, width),
-            )
-        )
-        self.mlp_gain = nn.Parameter(torch.tensor(SAS_P_MLP_GAIN))  # beta_FF
-
-    def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer asks its first block
-        return self.mlp.c_fc.weight.dtype
-
-    def attention_matrix(self, h: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """A for normalised input ``h`` (B, T, W): shape (B, heads, T, T)."""
-        b, t, w = h.shape
-        q = self.attn_q(h).view(b, t, self.heads, -1).transpose(1, 2)
-        k = self.attn_k(h).view(b, t, self.heads, -1).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(w // self.heads)
-        mask = _additive_mask(attn_mask, b, self.heads, t, h.dtype, h.device)
-        centre = torch.softmax(mask.expand(-1, -1, t, t), dim=-1)
-        shaped = torch.softmax(scores + mask, dim=-1) - centre
-        eye = torch.eye(t, dtype=h.dtype, device=h.device)
-        alpha = self.identity_gain.view(1, -1, 1, 1)
-        beta = self.attention_gain.view(1, -1, 1, 1)
-        return alpha * eye + beta * shaped
-
-    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
-        if k_x is not None or v_x is not None:
-            raise NotImplementedError("SAS-P blocks do self-attention only")
-        h = self.ln_1(q_x)
-        b, t, w = h.shape
-        values = h.view(b, t, self.heads, -1).transpose(1, 2)  # W_V = I: heads split LN(x)
-        mixed = (self.attention_matrix(h, attn_mask) @ values).transpose(1, 2).reshape(b, t, w)
-        return mixed + self.mlp_gain * self.mlp(h)
-
-
-def _additive_mask(mask, b: int, heads: int, t: int, dtype, device) -> torch.Tensor:
-    """open_clip's mask (None, bool or additive; (T, T) or (B*heads, T, T)) as (B|1, H|1, T|1, T)."""
-    if mask is None:
-        return torch.zeros(1, 1, 1, t, dtype=dtype, device=device)
-    if mask.dtype == torch.bool:  # True = may not attend, as in open_clip's Attention
-        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask, float("-inf"))
-    mask = mask.to(dtype)
-    if mask.ndim == 3:
-        return mask.reshape(b, heads, t, t)
-    return mask.view(1, 1, t, t)
-
-
-# ---------------------------------------------------------------- student surgery
-
-
-def towers(model: nn.Module, which: str) -> list[nn.Module]:
-    """The ``Transformer`` modules (vision and/or text) that ``which`` names."""
-    if which not in TOWERS:
-        raise ConfigError(f"siclip tower choice {which!r}; choose one of {TOWERS}")
-    vision = model.visual.transformer
-    text = model.transformer if hasattr(model, "transformer") else model.text.transformer
-    return {"none": [], "vision": [vision], "text": [text], "both": [vision, text]}[which]
-
-
-def use_sas_p_blocks(transformer: nn.Module) -> None:
-    """Replace every block of an open_clip ``Transformer`` by a SAS-P block of the same sizes."""
-    if not transformer.batch_first:
-        raise models.ModelError("SAS-P blocks need a batch-first open_clip Transformer")
-    for i, block in enumerate(transformer.resblocks):
-        if not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
-            raise models.ModelError(f"SAS-P cannot replace block {i} ({type(block).__name__})")
-        transformer.resblocks[i] = SasPBlock(
-            block.ln_1.normalized_shape[0], block.attn.num_heads, block.mlp.c_fc.out_features,
-            act_layer=type(block.mlp.gelu), norm_layer=type(block.ln_1),
-        )  # fmt: skip
-
-
-def share_adjacent_blocks(transformer: nn.Module) -> None:
-    """Blocks 2k and 2k+1 become one module: one set of parameters, applied twice in a row."""
-    blocks = transformer.resblocks
-    for k in range(0, len(blocks) - 1, 2):
-        blocks[k + 1] = blocks[k]
-
-
-@torch.no_grad()
-def inherit_weights(student: nn.Module, teacher: nn.Module) -> int:
-    """Copy teacher tensors into the student where names and shapes match; returns how many."""
-    source = teacher.state_dict()
-    target = student.state_dict()
-    copied = 0
-    for name, tensor in target.items():
-        if name in source and source[name].shape == tensor.shape:
-            tensor.copy_(source[name])
-            copied += 1
-    return copied
-
-
-# ---------------------------------------------------------------- the teacher
-
-
-class Teacher:
-    """A frozen CLIP built from a harness run directory or an open_clip pretrained tag."""
-
-    def __init__(self, model: nn.Module, cfg: dict[str, Any], *, source: str, location: str):
-        model.eval().requires_grad_(False)
-        self.model, self.cfg, self.source, self.location = model, cfg, source, location
-        self.sha256 = weights_sha256(model)
-        check_tokenizer(cfg, location)
-        mean_std = getattr(model.visual, "preprocess_cfg", {})
-        self.mean = tuple(mean_std.get("mean", open_clip.OPENAI_DATASET_MEAN))
-        self.std = tuple(mean_std.get("std", open_clip.OPENAI_DATASET_STD))
-
-    @classmethod
-    def from_run_dir(cls, run_dir: str | Path) -> Teacher:
-        run_dir = Path(run_dir).resolve()
-        record = check_teacher_run_dir(run_dir)
-        with torch.random.fork_rng(devices=[]):  # its random init is overwritten anyway
-            model = models.build_clip(record["model_config"])
-        state = checkpoint.load(checkpoint.latest(run_dir))
-        checkpoint.load_state_strict(model, state["model"], f"siclip teacher {run_dir}")
-        return cls(model, record["model_config"], source="run_dir", location=str(run_dir))
-
-    @classmethod
-    def from_pretrained(cls, name: str, tag: str) -> Teacher:
-        with torch.random.fork_rng(devices=[]):
-            model = open_clip.create_model(name, pretrained=tag)  # downloads on first use
-        cfg = models.model_config(name)
-        return cls(model, cfg, source="open_clip", location=f"{name}:{tag}")
-
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Normalised teacher embeddings of a batch prepared for the student."""
-        images = self._images(images)
-        tokens = fit_context(tokens, models.context_length(self.cfg))
-        pooled = self.model.visual(images)
-        pooled = pooled[0] if isinstance(pooled, tuple) else pooled
-        text = self.model.encode_text(tokens)
-        return models.normalize(pooled), models.normalize(text), self.model.logit_scale.exp()
-
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
-        size = models.image_size(self.cfg)
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(
-                images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        if (self.mean, self.std) != (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD):
-            ours = _stats(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, images)
-            theirs = _stats(self.mean, self.std, images)
-            images = (images * ours[1] + ours[0] - theirs[0]) / theirs[1]
-        return images
-
-    def describe(self) -> dict[str, Any]:
-        info = {
-            "source": self.source,
-            "location": self.location,
-            "sha256": self.sha256,
-            "embed_dim": self.cfg["embed_dim"],
-            "params": sum(p.numel() for p in self.model.parameters()),
-        }
-        if self.source == "run_dir":
-            info["eval"] = rundir.read_json(Path(self.location) / "eval.json")
-        return info
-
-
-def _stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    view = (1, 3, 1, 1)
-    return (
-        torch.tensor(mean, dtype=like.dtype, device=like.device).view(view),
-        torch.tensor(std, dtype=like.dtype, device=like.device).view(view),
-    )
-
-
-def check_teacher_run_dir(run_dir: Path) -> dict[str, Any]:
-    record = rundir.read_json(run_dir / "run.json")
-    if record is None or "model_config" not in record:
-        raise ConfigError(
-            f"siclip.teacher={str(run_dir)!r} is not a run directory of this harness "
-            "(no run.json with a model_config)"
-        )
-    if not checkpoint.latest(run_dir).exists():
-        raise ConfigError(f"siclip.teacher={str(run_dir)!r} has no {checkpoint.latest(run_dir)}")
-    return record
-
-
-def check_tokenizer(cfg: dict[str, Any], where: str) -> None:
-    text = cfg["text_cfg"]
-    if text.get("hf_tokenizer_name") or text.get("vocab_size", CLIP_VOCAB) != CLIP_VOCAB:
-        raise ConfigError(
-            f"siclip teacher {where}: its text tower does not use the CLIP BPE tokenizer "
-            f"(vocab {text.get('vocab_size')}, {text.get('hf_tokenizer_name')}); the student's "
-            "tokens cannot be fed to it"
-        )
-
-
-def fit_context(tokens: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad or cut token rows to ``length``; a cut row keeps its end-of-text token last."""
-    if tokens.shape[1] == length:
-        return tokens
-    if tokens.shape[1] < length:
-        return F.pad(tokens, (0, length - tokens.shape[1]))
-    cut = tokens[:, :length].clone()
-    lost = (cut == EOT_TOKEN).sum(dim=1) == 0
-    cut[lost, -1] = EOT_TOKEN
-    return cut
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """Content hash of a model's weights (names, dtypes, shapes and bytes, in name order)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def write_teacher_run_dir(run_dir: Path, model_cfg: dict[str, Any], *, seed: int = 0) -> Path:
-    """A minimal run directory holding a randomly initialised CLIP (tests, benchmarks)."""
-    if checkpoint.latest(run_dir).exists():
-        return run_dir
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = models.build_clip(model_cfg)
-    write_json_atomic(
-        run_dir / "run.json",
-        {"method": "clip", "model_config": model_cfg, "note": "random-init example teacher"},
-    )
-    checkpoint.save(checkpoint.latest(run_dir), {"model": model.state_dict()})
-    return run_dir
 
 
 # ---------------------------------------------------------------- the method
