@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stage", default=None, help="stop after this stage of the method (used by launchers)"
     )
+    parser.add_argument(
+        "--shared-root", type=Path, default=None,
+        help="folder of stages shared between runs, e.g. a sweep's shared/ (default: OUT/../shared)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                     out=args.out,
                     resume=args.resume,
                     until=args.stage,
+                    shared_root=args.shared_root,
                 )
         finally:
             distributed.shutdown()
