@@ -2,6 +2,7 @@
 
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,22 @@ def test_missing_shard_and_bad_checksum_are_refused(tiny_data, tmp_path):
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_manifest(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("damage", ["none", "truncate", "garble"])
+def test_fast_tar_reader_yields_webdatasets_samples(tiny_data, tmp_path, damage):
+    import webdataset as wds
+
+    from harness.data import shard_samples
+
+    source = load_manifest(tiny_data).shard_paths("train")[0]
+    raw = Path(source).read_bytes()
+    cut = len(raw) // 3 + 100
+    data = {"none": raw, "truncate": raw[:cut], "garble": raw[:cut] + b"\x07" * 600}[damage]
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    theirs, ours = [], []
+    expected = list(wds.tarfile_samples([{"url": str(path)}], handler=theirs.append))
+    got = list(shard_samples(str(path), ours.append))
+    assert got == expected and len(got) > 0
+    assert bool(ours) == (damage != "none")  # a damaged shard is counted, an intact one is not

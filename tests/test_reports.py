@@ -141,7 +141,9 @@ def test_report_sections_plots_and_provenance(seeded_sweep):
     assert list((seeded_sweep / "tb_hparams").rglob("events.out.tfevents.*"))
     # MFU = flops/sample * samples/s / peak: 2e9 * 100 * sqrt(32) / 1e11
     assert f"{100 * 2e9 * 100 * 32**0.5 / 1e11:.1f}%" in report
-    header = next(line for line in report.splitlines() if line.startswith("| method | batch | samples/s"))
+    header = next(
+        line for line in report.splitlines() if line.startswith("| method | batch | samples/s")
+    )
     row = next(line for line in report.splitlines() if line.startswith("| clip | 32 |"))
     assert header.count("|") == row.count("|") and "corrupt samples" in header
 
