@@ -3,7 +3,6 @@ of ``bench.throughput``."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -163,10 +162,37 @@ def markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         cells = _row(row, clips.get(row["batch_size"]))
         cells += [""] * (len(COLUMNS) - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *_summary(rows, clips)]
     notes = _notes(rows)
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _summary(rows: list[dict], clips: dict[int, dict]) -> list[str]:
+    """Per batch size: clip against the bare loop, each method against clip, loader against step."""
+    ok = [r for r in rows if "error" not in r]
+    out = ["Step time ratios (medians) and loader headroom, per batch size:", ""]
+    for batch in sorted({r["batch_size"] for r in ok}):
+        clip, parts = clips.get(batch), []
+        bare = next((r for r in ok if r["method"] == "bare" and r["batch_size"] == batch), None)
+        if clip and bare:
+            parts.append(f"clip ÷ bare {_div(clip, bare):.3f}")
+        for r in ok:
+            if r["batch_size"] != batch or r["method"] in ("bare", BASELINE) or not clip:
+                continue
+            text = f"{r['method']} ÷ clip {_div(r, clip):.2f}"
+            if "step_excluding_frozen_ms" in r:
+                text += f" ({r['step_excluding_frozen_ms'] / clip['step']['median_ms']:.2f} without its frozen forward)"
+            parts.append(text)
+        if clip and "loader_speedup" in clip:
+            parts.append(f"loader ÷ clip step {clip['loader_speedup']:.1f}×")
+        out.append(f"- batch {batch}: " + "; ".join(parts))
+    return out
+
+
+def _div(a: dict, b: dict) -> float:
+    return a["step"]["median_ms"] / b["step"]["median_ms"]
 
 
 def _memory_kinds(rows: list[dict]) -> str:
@@ -187,8 +213,7 @@ def _notes(rows: list[dict]) -> list[str]:
     if any(r["method"] == "bare" for r in rows):
         notes.append(
             "`bare`: the same CLIP with no harness (open_clip CLIP + ClipLoss + fused AdamW on "
-            "batches already in memory); `step ÷ clip` of the clip row's bare is shown on the bare "
-            "row."
+            "batches already in memory, no loader, logging or bookkeeping), timed the same way."
         )
     for r in rows:
         teacher = (r.get("method_info") or {}).get("teacher")
@@ -199,7 +224,3 @@ def _notes(rows: list[dict]) -> list[str]:
             )
             break
     return notes
-
-
-def dumps(rows: list[dict]) -> str:
-    return json.dumps(rows, indent=1, default=str)

@@ -141,6 +141,30 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
     raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
 
 
+class Tokenizer(open_clip.tokenizer.SimpleTokenizer):
+    """open_clip's CLIP BPE tokenizer with each word's ids cached: the same ids, fewer cycles.
+
+    ``encode`` is open_clip's, except that the ids of a word (byte-level mapping, BPE merges,
+    vocabulary lookup: a pure function of the word) are computed once per word instead of once
+    per occurrence. Text cleaning still runs on every caption.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._word_ids: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for word in self.pat.findall(self.clean_fn(text)):
+            cached = self._word_ids.get(word)
+            if cached is None:
+                mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                cached = [self.encoder[piece] for piece in self.bpe(mapped).split(" ")]
+                self._word_ids[word] = cached
+            ids.extend(cached)
+        return ids
+
+
 # ---------------------------------------------------------------- reading a shard
 
 TAR_BLOCK = 512
@@ -283,7 +307,7 @@ class ShardStream(IterableDataset):
         self.broken = 0  # tar-level errors seen by this reader (per worker copy)
         self.image_size = image_size
         self.augment = train and augment == "open_clip"
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        self.tokenizer = Tokenizer(context_length=context_length)
 
     # -- raw samples -------------------------------------------------
     def _logical_worker(self) -> int:

@@ -156,3 +156,20 @@ def test_fast_tar_reader_yields_webdatasets_samples(tiny_data, tmp_path, damage)
     got = list(shard_samples(str(path), ours.append))
     assert got == expected and len(got) > 0
     assert bool(ours) == (damage != "none")  # a damaged shard is counted, an intact one is not
+
+
+def test_cached_tokenizer_gives_open_clips_ids():
+    import random
+
+    import open_clip
+
+    from data_tools.builtin import caption, random_scene
+    from harness.data import Tokenizer
+
+    rng = random.Random(0)
+    texts = [caption(random_scene(rng, 3), rng) for _ in range(300)]
+    texts += ["Héllo wörld!! 123 &amp; <b>x</b>", "word " * 60, "", "it's 😀 日本語", "A  B\tc"]
+    reference = open_clip.tokenizer.SimpleTokenizer(context_length=36)
+    ours = Tokenizer(context_length=36)
+    assert torch.equal(ours(texts), reference(texts))
+    assert torch.equal(ours(texts[::-1]), reference(texts[::-1]))  # again, from the word cache
