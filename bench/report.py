@@ -37,7 +37,9 @@ def derive(
     peak: tuple[float, str],
     batch: int,
     method_info: dict,
+    world_size: int = 1,
 ) -> dict[str, Any]:
+    """``batch`` is global: samples/s are for all ranks, over ``world_size`` device peaks."""
     step_ms = steps["step"]["median_ms"]
     samples_per_s = batch / (step_ms / 1000)
     flops = costs["train_flops_per_sample"]
@@ -48,7 +50,7 @@ def derive(
         "samples_per_s": samples_per_s,
         "phases_ms": phases,
         "train_flops_per_sample": flops,
-        "mfu": flops * samples_per_s / peak[0],
+        "mfu": flops * samples_per_s / (peak[0] * world_size),
         "peak_flops": peak[0],
         "peak_source": peak[1],
         "loader": loader,

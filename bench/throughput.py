@@ -127,6 +127,7 @@ def _measure_trainer(cell: Cell, args: argparse.Namespace, peak: tuple[float, st
     return report.derive(
         steps=steps, phases=phases, loader=loader, costs=costs, peak=peak,
         batch=cell.spec.train.batch_size, method_info=trainer.method.info(),
+        world_size=cell.built.dist.world_size,
     )  # fmt: skip
 
 
@@ -154,7 +155,9 @@ def _measure_bare(cell: Cell, args: argparse.Namespace) -> dict:
 
 def cells(args: argparse.Namespace) -> list[tuple[str, int]]:
     methods = list(args.methods)
-    if not args.no_bare and BARE not in methods:
+    if distributed.env_world_size() > 1:  # the bare loop is a one-process baseline
+        methods = [m for m in methods if m != BARE]
+    elif not args.no_bare and BARE not in methods:
         methods.append(BARE)
     return [(m, b) for m in methods for b in args.batch_sizes]
 

@@ -173,3 +173,22 @@ def test_cached_tokenizer_gives_open_clips_ids():
     ours = Tokenizer(context_length=36)
     assert torch.equal(ours(texts), reference(texts))
     assert torch.equal(ours(texts[::-1]), reference(texts[::-1]))  # again, from the word cache
+
+
+class _Niceness(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        import os
+
+        yield os.nice(0)
+
+
+def test_loader_workers_run_at_the_configured_nice_value():
+    import os
+
+    from harness.data import DataConfig
+
+    parent = os.nice(0)
+    assert next(iter(make_loader(_Niceness(), 1, worker_nice=5))) == min(19, parent + 5)
+    assert next(iter(make_loader(_Niceness(), 1))) == parent
+    with pytest.raises(ValueError, match="worker_nice"):
+        DataConfig(worker_nice=20)
