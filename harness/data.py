@@ -143,7 +143,7 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
         if key in sample:
             img = Image.open(io.BytesIO(sample[key]))
             img.load()
-            return img.convert("RGB")
+            return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy
     raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
 
 
