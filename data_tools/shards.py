@@ -367,7 +367,8 @@ def write_shard(job: ShardJob) -> ShardResult:
     final = Path(job.out) / job.name
     tmp = final.with_name(f".{job.name}.partial")
     skipped, count = [], 0
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0.0) as sink:
+    # an int mtime: with a float, tarfile adds a pax header to every member and reading is 2x slower
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:
         for item in job.items:
             try:
                 ext, data = load_image(item.path, job.image_size)

@@ -17,10 +17,12 @@ many its reader skipped since its previous batch in ``batch["corrupt"]``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import math
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,12 +54,17 @@ class DataConfig:
     shuffle_buffer: int = 2000
     verify_checksums: bool = True
     builtin_root: str = "data"
+    # Loader workers run at this nice value: on a machine with few cores they then take the CPU
+    # the training step leaves idle instead of slowing its forward (0 keeps the parent's).
+    worker_nice: int = 19
 
     def __post_init__(self) -> None:
         if self.augment not in ("open_clip", "none"):
             raise ValueError(f"DataConfig.augment={self.augment!r}; choose 'open_clip' or 'none'")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers={self.num_workers} must be >= 0")
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError(f"DataConfig.worker_nice={self.worker_nice} must be in 0..19")
 
 
 def resolve_manifest(config: DataConfig) -> Manifest:
@@ -134,8 +141,32 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
         if key in sample:
             img = Image.open(io.BytesIO(sample[key]))
             img.load()
-            return img.convert("RGB")
+            return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy
     raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+
+
+class Tokenizer(open_clip.tokenizer.SimpleTokenizer):
+    """open_clip's CLIP BPE tokenizer with each word's ids cached: the same ids, fewer cycles.
+
+    ``encode`` is open_clip's, except that the ids of a word (byte-level mapping, BPE merges,
+    vocabulary lookup: a pure function of the word) are computed once per word instead of once
+    per occurrence. Text cleaning still runs on every caption.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._word_ids: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for word in self.pat.findall(self.clean_fn(text)):
+            cached = self._word_ids.get(word)
+            if cached is None:
+                mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                cached = [self.encoder[piece] for piece in self.bpe(mapped).split(" ")]
+                self._word_ids[word] = cached
+            ids.extend(cached)
+        return ids
 
 
 # ---------------------------------------------------------------- the stream
@@ -176,7 +207,7 @@ class ShardStream(IterableDataset):
         self.broken = 0  # tar-level errors seen by this reader (per worker copy)
         self.image_size = image_size
         self.augment = train and augment == "open_clip"
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        self.tokenizer = Tokenizer(context_length=context_length)
 
     # -- raw samples -------------------------------------------------
     def _logical_worker(self) -> int:
@@ -326,7 +357,7 @@ def prepare_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]
     return out
 
 
-def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+def make_loader(stream: ShardStream, num_workers: int, worker_nice: int = 0) -> DataLoader:
     """One DataLoader per stream; batches are already assembled inside the workers."""
     return DataLoader(
         stream,
@@ -335,7 +366,12 @@ def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=functools.partial(_renice, worker_nice) if worker_nice else None,
     )
+
+
+def _renice(nice: int, worker_id: int) -> None:
+    os.nice(nice)  # an increment on the parent's niceness (capped at 19 by the kernel)
 
 
 def train_loader(
@@ -365,7 +401,7 @@ def train_loader(
         shuffle_buffer=config.shuffle_buffer,
         skip_batches=skip_batches,
     )
-    return make_loader(stream, config.num_workers)
+    return make_loader(stream, config.num_workers, config.worker_nice)
 
 
 def eval_loader(

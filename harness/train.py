@@ -124,24 +124,14 @@ def run_one(run_dir: Path | None, *, resume: bool = False) -> Path:
         faults.activate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    dist = distributed.init(spec.run.device)
-    method, model_cfg, manifest = validate(spec, dist)
-    b = Built(spec, method, model_cfg, manifest, dist)
-    run_dir = Path(run_dir) if run_dir else default_run_dir(spec, model_cfg)
+    b = build(spec)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(spec, b.model_cfg)
     if rundir.is_finished(run_dir):
         print(f"{run_dir}: already finished; results in {run_dir / 'eval.json'}")
         return run_dir
     resuming = prepare_run_dir(run_dir, resume=resume)
-    if spec.train.deterministic:
-        set_deterministic()
-    torch.manual_seed(spec.train.seed)
-    model = method.build_model(model_cfg)
-    trainer = Trainer(
-        method=method, model=model, config=spec.train, data_config=spec.data, manifest=manifest,
-        run_dir=run_dir, dist=dist, image_size=models.image_size(model_cfg),
-        context_length=models.context_length(model_cfg),
-    )  # fmt: skip
-    if dist.is_main:
+    trainer = build_trainer(b, run_dir)
+    if b.dist.is_main:
         write_provenance(run_dir, b, config_record(spec.train))
     if resuming:
         trainer.resume(checkpoint.latest(run_dir))
@@ -150,6 +140,26 @@ def run_one(run_dir: Path | None, *, resume: bool = False) -> Path:
     finally:
         trainer.close()
     return run_dir
+
+
+def build(spec: RunSpec) -> Built:
+    """Join the process group and validate: everything but the model (also used by bench/)."""
+    dist = distributed.init(spec.run.device)
+    method, model_cfg, manifest = validate(spec, dist)
+    return Built(spec, method, model_cfg, manifest, dist)
+
+
+def build_trainer(b: Built, run_dir: Path) -> Trainer:
+    """The seeded model and its trainer (also what bench/ times)."""
+    if b.spec.train.deterministic:
+        set_deterministic()
+    torch.manual_seed(b.spec.train.seed)
+    model = b.method.build_model(b.model_cfg)
+    return Trainer(
+        method=b.method, model=model, config=b.spec.train, data_config=b.spec.data,
+        manifest=b.manifest, run_dir=run_dir, dist=b.dist,
+        image_size=models.image_size(b.model_cfg), context_length=models.context_length(b.model_cfg),
+    )  # fmt: skip
 
 
 def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:

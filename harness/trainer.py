@@ -17,6 +17,7 @@ import math
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,8 @@ class Trainer:
         )
         self.logger = MetricsLogger(self.run_dir, enabled=dist.is_main)
         self._stop_signal: int | None = None
+        # called with the step number after every step (bench/ times steps with it); None: off
+        self.on_step: Callable[[int], None] | None = None
 
     # -- checkpoints --------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -333,6 +336,8 @@ class Trainer:
                 self.state.step += 1
                 timing.add(t_data - t0, time.perf_counter() - t0)
                 bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(self.state.step)
                 done = self.state.step == cfg.total_steps
                 if self.state.step % cfg.log_every_steps == 0 or done:
                     self._log(meter, timing, bar, bad_step)
@@ -350,11 +355,22 @@ class Trainer:
         return timing.summary(cfg.batch_size, self.dist.device)
 
     def _one_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms = self._forward(batch)
+        self._backward(total_loss(terms))
+        self._optimizer_step()
+        return terms
+
+    # The step's phases, separate so that bench/ can time each one on the same code path.
+    def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The method's forward and loss terms (through DDP when there are several ranks)."""
         with autocast(self.dist.device, self.config.precision):
-            terms = self.train_step_fn(batch)
-        loss = total_loss(terms)
+            return self.train_step_fn(batch)
+
+    def _backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+
+    def _optimizer_step(self) -> None:
         if self.config.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(
                 self.step_module.parameters(), self.config.grad_clip_norm
@@ -362,7 +378,6 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.method.after_step(self.model)
-        return terms
 
     def _check_finite(self, bad_step: torch.Tensor) -> None:
         step = int(bad_step.item())  # host sync

@@ -136,3 +136,39 @@ def test_missing_shard_and_bad_checksum_are_refused(tiny_data, tmp_path):
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_manifest(tmp_path / "nowhere")
+
+
+def test_cached_tokenizer_gives_open_clips_ids():
+    import random
+
+    import open_clip
+
+    from data_tools.builtin import caption, random_scene
+    from harness.data import Tokenizer
+
+    rng = random.Random(0)
+    texts = [caption(random_scene(rng, 3), rng) for _ in range(300)]
+    texts += ["Héllo wörld!! 123 &amp; <b>x</b>", "word " * 60, "", "it's 😀 日本語", "A  B\tc"]
+    reference = open_clip.tokenizer.SimpleTokenizer(context_length=36)
+    ours = Tokenizer(context_length=36)
+    assert torch.equal(ours(texts), reference(texts))
+    assert torch.equal(ours(texts[::-1]), reference(texts[::-1]))  # again, from the word cache
+
+
+class _Niceness(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        import os
+
+        yield os.nice(0)
+
+
+def test_loader_workers_run_at_the_configured_nice_value():
+    import os
+
+    from harness.data import DataConfig
+
+    parent = os.nice(0)
+    assert next(iter(make_loader(_Niceness(), 1, worker_nice=5))) == min(19, parent + 5)
+    assert next(iter(make_loader(_Niceness(), 1))) == parent
+    with pytest.raises(ValueError, match="worker_nice"):
+        DataConfig(worker_nice=20)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,8 @@ def test_rerun_reuses_finished_shards_and_output_is_deterministic(coco_input, tm
     run_coco(coco_input, b, "--shard-size", "2", "--workers", "1")
     shards = sorted(p.name for p in a.glob("*.tar"))
     assert [sha256_file(a / s) for s in shards] == [sha256_file(b / s) for s in shards]
+    with tarfile.open(a / shards[0]) as tar:  # plain ustar: no pax header per member
+        assert all(m.pax_headers == {} for m in tar.getmembers())
 
     stamps = {s: (a / s).stat().st_mtime_ns for s in shards}
     (a / shards[0]).unlink()  # as if the first run had been killed before this shard

@@ -1,0 +1,78 @@
+"""Build one benchmark cell (method x batch size x model) exactly as a run builds it.
+
+The config goes through the one gin parse site (``configs/base.gin`` plus bindings), the same
+validation, the same seeded model construction and the same ``Trainer`` as ``harness.train``;
+only the budget is set in steps and periodic checkpoints are off, so what is timed is the
+training step a real run executes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness import config, models
+from harness.config import RunSpec
+from harness.train import Built, build, build_trainer
+from harness.trainer import Trainer
+from methods import method_class
+
+BASE_CONFIG = "configs/base.gin"
+# a budget in steps, and no checkpoint inside the timed steps (fit still saves one at its end)
+BENCH_BINDINGS = (
+    "TrainConfig.budget = 'steps'",
+    "TrainConfig.checkpoint_every_samples = 0",
+)
+
+
+@dataclass
+class Cell:
+    built: Built
+    trainer: Trainer
+
+    @property
+    def spec(self) -> RunSpec:
+        return self.built.spec
+
+    @property
+    def device(self) -> torch.device:
+        return self.built.dist.device
+
+    @property
+    def per_rank_batch(self) -> int:
+        return self.spec.train.batch_size // self.built.dist.world_size
+
+
+def cell_bindings(
+    method: str,
+    batch_size: int,
+    *,
+    model: str,
+    steps: int,
+    workdir: Path,
+    data: str | None = None,
+    extra: list[str] = (),
+) -> list[str]:
+    """Every gin binding of a cell: macros, the bench's budget, and what the method needs to run
+    on its own (``Method.example_bindings``, e.g. siclip's teacher)."""
+    model_cfg = models.model_config(model)
+    bindings = [
+        f"METHOD = '{method}'",
+        f"BATCH_SIZE = {batch_size}",
+        f"MODEL = '{model}'",
+        f"TrainConfig.train_steps = {steps}",
+        *BENCH_BINDINGS,
+        *method_class(method).example_bindings(Path(workdir), model_cfg),
+    ]
+    if data is not None:
+        bindings.append(f"DATA = '{data}'")
+    return [*bindings, *extra]
+
+
+def build_cell(bindings: list[str], *, run_dir: Path, config_file: str = BASE_CONFIG) -> Cell:
+    """Parse, validate and build as ``harness.train.run_one`` does; no training yet."""
+    config.parse([config_file], bindings)
+    built = build(config.resolve())
+    return Cell(built, build_trainer(built, run_dir))

@@ -1,0 +1,67 @@
+"""pytest-benchmark micro-benchmarks of every registered method's loss, at batch 32 and 512.
+
+    pytest bench/                      # not part of the default run (testpaths = tests)
+
+The method's forward runs once on a real-caption batch of the default tiny model, outside the
+timing; ``test_loss`` times ``Method.loss`` on those outputs, ``test_loss_backward`` the loss and
+its backward into the outputs (what the loss adds to a step besides the encoders). Methods with
+state (IDF, prototypes) update it on every call, as in training.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import methods
+from harness import models
+from harness.data import prepare_batch
+from harness.trainer import total_loss
+from tests.dist_utils import build, make_batch
+
+MODEL = "tiny-vit"
+BATCHES = (32, 512)
+
+
+@pytest.fixture(scope="module")
+def model_cfg():
+    return models.model_config(MODEL)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("method-inputs")
+
+
+def outputs_of(name: str, batch: int, model_cfg: dict, workdir) -> tuple:
+    """(method, outputs with every differentiable tensor a fresh leaf) after one forward."""
+    bindings = methods.method_class(name).example_bindings(workdir, model_cfg)
+    step = build(name, model_cfg, bindings)
+    data = prepare_batch(
+        make_batch(batch, models.image_size(model_cfg), models.context_length(model_cfg)),
+        torch.device("cpu"),
+    )
+    outputs = step.method(step.model, data)
+    leaves = {
+        k: v.detach().requires_grad_() if torch.is_tensor(v) and v.requires_grad else v
+        for k, v in outputs.items()
+    }
+    return step.method, leaves
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", methods.registered_names())
+def test_loss(benchmark, name, batch, model_cfg, workdir):
+    method, outputs = outputs_of(name, batch, model_cfg, workdir)
+    benchmark.group = f"loss b{batch}"
+    terms = benchmark(method.loss, outputs)
+    assert torch.isfinite(total_loss(terms))
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", methods.registered_names())
+def test_loss_backward(benchmark, name, batch, model_cfg, workdir):
+    method, outputs = outputs_of(name, batch, model_cfg, workdir)
+    benchmark.group = f"loss+backward b{batch}"
+    benchmark(lambda: total_loss(method.loss(outputs)).backward())
+    assert any(torch.is_tensor(v) and v.grad is not None for v in outputs.values())

@@ -1,0 +1,147 @@
+"""bench/: the throughput tool's output, the I/O-bound flag, the open_clip data copy, DDP comm timing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tarfile
+
+import pytest
+import torch
+
+from bench import report
+from bench.vs_open_clip import convert_for_open_clip, open_clip_compat
+from harness.manifest import load_manifest
+from tests.conftest import run_cli
+from tests.dist_utils import free_port
+
+PHASE_KEYS = {"data_wait", "prepare", "forward", "frozen_forward", "loss", "backward",
+              "optimizer", "communication"}  # fmt: skip
+
+
+def test_throughput_writes_documented_fields(tiny_data, tmp_path):
+    out = tmp_path / "bench"
+    done = run_cli(
+        "bench.throughput", "--methods", "clip", "--batch-sizes", "8", "--model", "micro-vit",
+        "--data", str(tiny_data), "--warmup", "1", "--steps", "3",
+        "--phase-steps", "2", "--loader-batches", "2", "--out", str(out),
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert {"date", "torch", "torch_threads", "device_name", "peak_source"} <= set(result["header"])
+    assert "measured fp32 matmul peak" in result["header"]["peak_source"]
+    clip, bare, live = result["rows"]
+    assert [r["method"] for r in result["rows"]] == ["clip", "bare", "bare+loader"]
+    assert clip["step"]["steps"] == 3 and clip["step"]["p10_ms"] <= clip["step"]["p90_ms"]
+    assert clip["samples_per_s"] == pytest.approx(8000 / clip["step"]["median_ms"])
+    assert set(clip["phases_ms"]) == PHASE_KEYS
+    assert clip["phases_ms"]["communication"] is None  # one process
+    assert clip["phases_ms"]["frozen_forward"] is None  # clip has no teacher
+    assert clip["phases_ms"]["forward"]["median_ms"] > 0
+    assert 0 < clip["mfu"] < 1 and clip["train_flops_per_sample"] > 0
+    assert clip["memory_kind"].startswith("process peak RSS") and clip["peak_memory_mb"] > 0
+    assert clip["gpu"]["gpu_util_mean_pct"] is None and clip["gpu"]["nvml"] == "no GPU (CPU run)"
+    assert clip["loader"]["samples_per_s"] > 0 and isinstance(clip["io_bound"], bool)
+    assert bare["step"]["steps"] == 3 and "phases_ms" not in bare
+    assert live["step"]["steps"] == 3 and "loader, live" in live["note"]
+    table = (out / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    clip_line = next(line for line in table.splitlines() if line.startswith("| clip |"))
+    assert header.count("|") == clip_line.count("|")
+    assert "clip ÷ bare " in table and "clip ÷ bare+loader " in table
+    assert "GPU util %" in header and "I/O-bound" in header
+    assert clip_line.split("|")[header.split("|").index(" GPU util % ")].strip() == "n/a"
+
+
+def test_io_bound_flag():
+    assert report.io_bound(loader_ms_per_batch=12.0, compute_ms_per_step=10.0)
+    assert not report.io_bound(loader_ms_per_batch=8.0, compute_ms_per_step=10.0)
+    ms = {"median_ms": 2.0}
+    phases = {name: dict(ms) for name in PHASE_KEYS} | {"communication": None}
+    assert report.compute_ms(phases) == 2.0 * 5  # data wait and the frozen sub-phase left out
+    fast = report.derive(
+        steps={"step": {"median_ms": 10.0}}, phases=phases, costs={"train_flops_per_sample": 1e6},
+        loader={"ms_per_batch": 2.0, "samples_per_s": 4000.0}, peak=(1e9, "test"), batch=8,
+        method_info={},
+    )  # fmt: skip
+    assert not fast["io_bound"] and fast["loader_speedup"] == pytest.approx(5.0)
+    slow = report.derive(
+        steps={"step": {"median_ms": 10.0}}, phases=phases, costs={"train_flops_per_sample": 1e6},
+        loader={"ms_per_batch": 11.0, "samples_per_s": 700.0}, peak=(1e9, "test"), batch=8,
+        method_info={},
+    )  # fmt: skip
+    assert slow["io_bound"]
+    assert slow["step_excluding_frozen_ms"] == pytest.approx(8.0)
+    assert slow["mfu"] == pytest.approx(1e6 * 800 / 1e9)
+
+
+def test_open_clip_reads_the_converted_shards(tiny_data, tmp_path):
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+
+    open_clip_compat()  # open_clip_train 3.3.0 + webdataset 1.0.2: see its docstring
+    manifest = load_manifest(tiny_data)
+    pattern = convert_for_open_clip(manifest, tmp_path, num_samples=120, min_shards=2)
+    first = sorted(tmp_path.glob("*.tar"))[0]
+    with tarfile.open(first) as tar:
+        names = tar.getnames()
+        caption = tar.extractfile(names[1]).read().decode()
+    assert names[:2] == [names[0].split(".")[0] + ".png", names[0].split(".")[0] + ".txt"]
+    source = tiny_data.parent / first.name
+    with tarfile.open(source) as tar:
+        meta = json.loads(tar.extractfile(names[0].split(".")[0] + ".json").read())
+    assert caption == meta["captions"][0]
+    _, preprocess, _ = open_clip.create_model_and_transforms("ViT-B-32", force_image_size=32)
+    args = argparse.Namespace(
+        train_data=pattern, train_num_samples=120, dataset_resampled=False,
+        train_data_upsampling_factors=None, seed=0, batch_size=8, world_size=1, workers=0,
+    )  # fmt: skip
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=36)
+    data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
+    batches = list(data.dataloader)  # 15 batches over 3 shards: crosses shard boundaries
+    assert len(batches) == 15
+    images, texts = batches[-1]
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert texts.shape == (8, 36) and bool((texts == 49407).any(dim=1).all())
+
+
+def _comm_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bench.comm import CommTimer
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        ddp = DistributedDataParallel(model)
+        timer = CommTimer(ddp, torch.device("cpu"))
+        x = torch.full((2, 4), float(rank + 1))
+        grads, seconds = [], []
+        for timing in (False, True):
+            timer.timing = timing
+            model.zero_grad()
+            ddp(x).sum().backward()
+            grads.append(model.weight.grad.clone())
+            seconds.append(timer.pop())
+        expected = torch.full((2, 4), 1.5).sum(0).expand(3, 4)  # mean of the ranks' inputs
+        torch.save({"grads": grads, "seconds": seconds, "expected": expected}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_comm_timer_averages_gradients_and_times_only_when_asked(tmp_path):
+    torch.multiprocessing.spawn(
+        _comm_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True
+    )
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        for grad in result["grads"]:
+            assert torch.allclose(grad, result["expected"])
+        assert result["seconds"][0] == 0.0 and result["seconds"][1] > 0.0
