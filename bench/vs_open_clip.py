@@ -55,6 +55,8 @@ DIFFERENCES = (
     "logging: both every 10 steps with TensorBoard; the harness also writes metrics.jsonl, keeps "
     "its loss meter on the device and shows a tqdm bar",
     "schedules: both linear warm-up then cosine (different code, one scalar per step)",
+    "loader priority: the harness's workers run at nice 19 (DataConfig.worker_nice) so they use "
+    "the CPU its step leaves idle; open_clip's run at the training process's priority",
     "logit scale: open_clip clamps to [0, ln 100], the harness to <= ln 100",
     "sample order: each loader shuffles its own way (same shards, same shuffle-buffer scale)",
     "open_clip_train 3.3.0 with webdataset 1.0.2 stops at the first shard boundary (KeyError "
