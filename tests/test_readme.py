@@ -30,3 +30,18 @@ def test_ci_runs_the_readme_test_command():
 def test_every_config_named_in_the_readme_exists():
     for path in set(re.findall(r"configs/[\w/.-]+\.(?:gin|json)", README)):
         assert (REPO / path).exists(), path
+
+
+def test_readme_results_table_is_the_committed_reports_numbers():
+    # the README's mean R@1 table must be what reports/examples/batch_sweep/report.json says
+    import json
+
+    report = json.loads((REPO / "reports/examples/batch_sweep/report.json").read_text())
+    by_method = report["metrics"]["mean_r1"]
+    section = README[README.index("## Results on this machine") : README.index("## The sweep")]
+    rows = re.findall(r"^\| (\w+)[^|]* \| ([\d. |]+)\|$", section, re.M)
+    assert {name for name, _ in rows} == set(by_method)
+    for name, cells in rows:
+        values = [float(v) for v in cells.split("|")]
+        batches = sorted(by_method[name]["by_batch"], key=int)
+        assert values == [round(by_method[name]["by_batch"][b]["mean"], 1) for b in batches]
