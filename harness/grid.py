@@ -158,10 +158,24 @@ def final_run_dir(cell_dir: Path) -> Path:
     return cell_dir
 
 
+def shared_root(sweep_dir: Path) -> Path:
+    """Where a sweep keeps the stages its cells share (a siclip teacher)."""
+    return sweep_dir / "shared"
+
+
+def cell_args(config_file: Path, bindings: list[str], cell: Cell, sweep_dir: Path) -> list[str]:
+    """The ``harness.run`` arguments of one cell (all of its stages; resumes a checkpoint)."""
+    args = [str(config_file), "--cell", "--resume", "--out", str(cell.directory(sweep_dir)),
+            "--shared-root", str(shared_root(sweep_dir))]  # fmt: skip
+    for binding in [*bindings, *cell.bindings]:
+        args += ["--gin_param", binding]
+    return args
+
+
 def cell_command(
-    config_file: Path, bindings: list[str], cell: Cell, cell_dir: Path, grid: Grid
+    config_file: Path, bindings: list[str], cell: Cell, sweep_dir: Path, grid: Grid
 ) -> list[str]:
-    """The command that runs one cell (all of its stages); it resumes a checkpoint if present."""
+    """The local command that runs one cell, with torchrun when a cell has several processes."""
     if grid.nproc_per_node > 1:
         launch = [
             sys.executable,
@@ -172,11 +186,7 @@ def cell_command(
         ]
     else:
         launch = [sys.executable, "-m"]
-    args = ["harness.run", str(config_file), "--cell", "--resume", "--out", str(cell_dir),
-            "--shared-root", str(cell_dir.parent.parent / "shared")]  # fmt: skip
-    for binding in [*bindings, *cell.bindings]:
-        args += ["--gin_param", binding]
-    return launch + args
+    return [*launch, "harness.run", *cell_args(config_file, bindings, cell, sweep_dir)]
 
 
 def run_local(
@@ -192,7 +202,7 @@ def run_local(
             continue
         print(f"[{k}/{len(cells)}] {cell.name}: running", flush=True)
         results[cell.name] = _run_cell(
-            cell_command(config_file, bindings, cell, cell_dir, grid), cell_dir
+            cell_command(config_file, bindings, cell, sweep_dir, grid), cell_dir
         )
         print(f"[{k}/{len(cells)}] {cell.name}: {results[cell.name]}", flush=True)
     return results

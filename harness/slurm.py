@@ -17,7 +17,7 @@ import shlex
 from pathlib import Path
 
 from harness import config
-from harness.grid import Cell, Grid
+from harness.grid import Cell, Grid, cell_args, shared_root
 from harness.pipeline import plan_runs
 
 
@@ -62,14 +62,6 @@ def _task_script(grid: Grid, harness_args: list[str]) -> str:
     return "#!/bin/bash\nset -euo pipefail\n" + quoted + "\n"
 
 
-def _cell_args(config_file: Path, bindings: list[str], cell: Cell, sweep_dir: Path) -> list[str]:
-    args = [str(config_file), "--cell", "--resume", "--out", str(cell.directory(sweep_dir)),
-            "--shared-root", str(sweep_dir / "shared")]  # fmt: skip
-    for binding in [*bindings, *cell.bindings]:
-        args += ["--gin_param", binding]
-    return args
-
-
 def shared_stage_jobs(
     config_file: Path, bindings: list[str], cells: list[Cell], sweep_dir: Path
 ) -> list[list[str]]:
@@ -78,13 +70,13 @@ def shared_stage_jobs(
     for cell in cells:
         runs = plan_runs(
             [config_file], [*bindings, *cell.bindings], out=cell.directory(sweep_dir),
-            shared_root=sweep_dir / "shared",
+            shared_root=shared_root(sweep_dir),
         )  # fmt: skip
         for run in runs:
             if run.stage.shared and run.run_dir not in seen:
                 seen.add(run.run_dir)
                 jobs.append(
-                    [*_cell_args(config_file, bindings, cell, sweep_dir), "--stage", run.stage.name]
+                    [*cell_args(config_file, bindings, cell, sweep_dir), "--stage", run.stage.name]
                 )
     return jobs
 
@@ -98,7 +90,7 @@ def write_slurm(
     logs.mkdir(exist_ok=True)
     for i, cell in enumerate(cells):
         (folder / f"cell_{i}.sh").write_text(
-            _task_script(grid, _cell_args(config_file, bindings, cell, sweep_dir))
+            _task_script(grid, cell_args(config_file, bindings, cell, sweep_dir))
         )
     cells_script = folder / "cells.sbatch"
     cells_script.write_text(
