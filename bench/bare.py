@@ -17,7 +17,8 @@ from typing import Any
 import open_clip
 import torch
 
-from bench.measure import PeakMemory, now, summarise_ms
+from bench.measure import now, summarise_ms
+from harness.metrics import PeakMemory
 
 
 def bare_model(model_cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:

@@ -1,5 +1,5 @@
 """Measuring tools shared by the benchmarks: clocks with device synchronisation, step-time
-statistics, peak memory, NVML sampling and the machine description written into every result.
+statistics, NVML sampling and the machine description written into every result.
 
 Nothing here invents a number: where a quantity cannot be measured (GPU utilisation on a CPU
 run, NVML missing) the value is ``None`` and the reason is recorded next to it ("n/a" in tables).
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 NA = "n/a"
@@ -33,71 +33,17 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def quantile(values: list[float], q: float) -> float:
-    """Linear-interpolated quantile of ``values`` (q in [0, 1])."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    pos = q * (len(ordered) - 1)
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def summarise_ms(seconds: list[float]) -> dict[str, float]:
     """Median, p10 and p90 (milliseconds) of per-step durations, and how many there were."""
     ms = [1000 * s for s in seconds]
+    p10, p90 = np.percentile(ms, [10, 90]).tolist() if ms else (float("nan"), float("nan"))
     return {
         "median_ms": statistics.median(ms) if ms else float("nan"),
-        "p10_ms": quantile(ms, 0.1),
-        "p90_ms": quantile(ms, 0.9),
+        "p10_ms": p10,  # linear interpolation between the closest ranks
+        "p90_ms": p90,
         "mean_ms": statistics.fmean(ms) if ms else float("nan"),
         "steps": len(ms),
     }
-
-
-# ---------------------------------------------------------------- memory
-
-
-class PeakMemory:
-    """Peak memory since ``reset``: CUDA max_memory_allocated on GPU, peak RSS on CPU.
-
-    On Linux the process's RSS high-water mark (VmHWM) is reset by writing 5 to
-    /proc/self/clear_refs, so a peak can be taken over the measured steps only; where that is
-    not possible the process-lifetime peak (getrusage) is reported and named as such.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.kind = "process peak RSS (lifetime; could not reset)"
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        hwm = _proc_status_kb("VmHWM")
-        if hwm is None:
-            self.kind = "process peak RSS (lifetime, getrusage)"
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return hwm / 1024
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 # ---------------------------------------------------------------- NVML

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.measure import NvmlSampler, PeakMemory, now, summarise_ms
+from bench.measure import NvmlSampler, now, summarise_ms
 from harness.data import prepare_batch, train_loader
+from harness.metrics import PeakMemory
 from harness.trainer import Trainer, total_loss
 
 PHASES = (

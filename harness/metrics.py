@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class MetricsLogger:
@@ -64,3 +67,45 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+class PeakMemory:
+    """Peak memory since ``reset`` (or process start): CUDA max_memory_allocated on GPU, peak RSS
+    on CPU.
+
+    On Linux the process's RSS high-water mark (VmHWM) is reset by writing 5 to
+    /proc/self/clear_refs, so a peak can be taken over the measured steps only; where that is
+    not possible the process-lifetime peak (getrusage) is reported and named as such.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.kind = "process peak RSS (lifetime; could not reset)"
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        hwm = _proc_status_kb("VmHWM")
+        if hwm is None:
+            self.kind = "process peak RSS (lifetime, getrusage)"
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return hwm / 1024
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import signal
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from harness import checkpoint, distributed, faults
 from harness.data import DataConfig, prepare_batch, train_loader
 from harness.distributed import DistInfo
 from harness.manifest import Manifest
-from harness.metrics import MetricsLogger
+from harness.metrics import MetricsLogger, PeakMemory
 from methods.base import Method
 
 LR_RULES = ("none", "linear", "sqrt")
@@ -489,12 +488,9 @@ class _Timing:
             "measured_steps": steps,
             "timing": "interval means between log steps (host clock, synchronised at each log)",
         }
-        if device.type == "cuda":
-            summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            summary["memory_kind"] = "cuda max_memory_allocated"
-        else:
-            summary["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            summary["memory_kind"] = "process peak RSS"
+        peak = PeakMemory(device)
+        summary["peak_memory_mb"] = peak.peak_mb()
+        summary["memory_kind"] = peak.kind
         return summary
 
 
