@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import itertools
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -37,10 +35,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import webdataset as wds
 
 from bench.measure import load_average, machine, now, summarise_ms
 from harness import models
-from harness.data import DataConfig, resolve_manifest, sample_meta
+from harness.data import IMAGE_KEYS, DataConfig, resolve_manifest, sample_meta
 from harness.manifest import Manifest, write_json_atomic
 
 SIDES = ("open_clip", "open_clip_fused", "harness")
@@ -103,23 +102,16 @@ def _brace(folder: Path, names: list[str]) -> str:
 
 
 def _convert_shard(source: Path, target: Path) -> None:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(source) as tar:
-        for member in tar:
-            if member.isfile():
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     tmp = target.with_suffix(".tmp")
-    with tarfile.open(tmp, "w") as out:
-        for key, sample in samples.items():
-            image_ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in sample), None)
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:
+        for sample in wds.tarfile_samples([{"url": str(source)}]):
+            image_ext = next((e for e in IMAGE_KEYS if e in sample), None)
             captions = sample_meta(sample)["captions"]
             if image_ext is None or not captions:
                 continue
-            for ext, payload in ((image_ext, sample[image_ext]), ("txt", captions[0].encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                out.addfile(info, io.BytesIO(payload))
+            sink.write(
+                {"__key__": sample["__key__"], image_ext: sample[image_ext], "txt": captions[0]}
+            )
     os.replace(tmp, target)
 
 
