@@ -106,6 +106,17 @@ def _resamples(n: int) -> np.ndarray:
     return rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
 
 
+def percentile_ci(draws: np.ndarray) -> tuple[float, float]:
+    """The central CONFIDENCE interval of bootstrap draws."""
+    low, high = np.percentile(draws, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    return float(low), float(high)
+
+
+def two_sided_p(draws: np.ndarray) -> float:
+    """Percentile-bootstrap p-value of "the quantity is 0": twice the smaller tail at 0."""
+    return float(min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean())))
+
+
 def bootstrap(q: Queries, name: str) -> Estimate | None:
     """Percentile bootstrap 95% CI of one run's metric over test images."""
     fn = metric_from_queries(name)
@@ -114,7 +125,7 @@ def bootstrap(q: Queries, name: str) -> Estimate | None:
         return None
     full = fn(q, np.arange(n))
     draws = np.array([fn(q, ids) for ids in _resamples(n)])
-    low, high = np.percentile(draws, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    low, high = percentile_ci(draws)
     return Estimate(full, float(low), float(high), 1, "bootstrap")
 
 
@@ -158,8 +169,8 @@ def paired_bootstrap(method: Queries, baseline: Queries, name: str) -> Compariso
         return None
     observed = fn(method, np.arange(n)) - fn(baseline, np.arange(n))
     draws = np.array([fn(method, ids) - fn(baseline, ids) for ids in _resamples(n)])
-    low, high = np.percentile(draws, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
-    p = min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean()))
+    low, high = percentile_ci(draws)
+    p = two_sided_p(draws)
     return Comparison(
         float(observed), float(low), float(high), float(p), 1, "paired bootstrap over test images"
     )
@@ -220,6 +231,6 @@ def gap_slope_bootstrap(pairs: dict[int, tuple[Queries, Queries]], name: str) ->
 
     observed = slope_for(np.arange(n))
     draws = np.array([slope_for(ids) for ids in _resamples(n)])
-    low, high = np.percentile(draws, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
-    p = min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean()))
+    low, high = percentile_ci(draws)
+    p = two_sided_p(draws)
     return GapSlope(observed, float(low), float(high), float(p), "bootstrap over test images")
