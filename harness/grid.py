@@ -154,7 +154,7 @@ def final_run_dir(cell_dir: Path) -> Path:
     """The run directory holding a cell's result: its last stage for multi-stage methods."""
     stages = rundir.read_json(cell_dir / "stages.json")
     if stages and stages.get("stages"):
-        return Path(stages["stages"][-1]["run_dir"])
+        return cell_dir / stages["stages"][-1]["run_dir"]  # recorded relative to the cell
     return cell_dir
 
 
@@ -252,7 +252,8 @@ def write_sweep_record(
                 "name": c.name,
                 "values": c.values,
                 "bindings": c.bindings,
-                "dir": str(c.directory(sweep_dir)),
+                # relative, so a copied or moved sweep directory still finds its cells
+                "dir": str(c.directory(sweep_dir).relative_to(sweep_dir)),
                 "config_hash": c.config_hash,
             }
             for c in cells
@@ -278,7 +279,8 @@ def write_sweep_record(
 
 def run_sweep(config_file: Path, bindings: list[str], grid: Grid, *, out: Path | None) -> Path:
     """Plan, validate, run (or, for SLURM, write scripts for) every cell; then the report."""
-    sweep_dir = out or Path("sweeps") / Path(config_file).stem
+    # absolute: cells run with the repository as their working directory, wherever this started
+    sweep_dir = (out or Path("sweeps") / Path(config_file).stem).resolve()
     cells = plan_cells([config_file], bindings, grid)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_sweep_record(sweep_dir, [config_file], bindings, grid, cells)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,12 @@ def run_pipeline(
             out / "stages.json",
             {
                 "stages": [
-                    {"name": r.stage.name, "run_dir": str(r.run_dir), "shared": r.stage.shared}
+                    # relative to this directory, so a moved or copied sweep stays readable
+                    {
+                        "name": r.stage.name,
+                        "run_dir": os.path.relpath(r.run_dir, out),
+                        "shared": r.stage.shared,
+                    }
                     for r in runs
                 ]
             },

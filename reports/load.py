@@ -89,11 +89,14 @@ def load_stage(name: str, run_dir: Path, shared: bool) -> Stage:
     )
 
 
-def load_cell(entry: dict) -> CellResult:
-    cell_dir = Path(entry["dir"])
+def load_cell(entry: dict, sweep_dir: Path) -> CellResult:
+    # both records hold paths relative to where they live (an absolute path stays as it is)
+    cell_dir = sweep_dir / entry["dir"]
     listed = (read_json(cell_dir / "stages.json") or {}).get("stages")
     if listed:
-        stages = [load_stage(s["name"], Path(s["run_dir"]), s.get("shared", False)) for s in listed]
+        stages = [
+            load_stage(s["name"], cell_dir / s["run_dir"], s.get("shared", False)) for s in listed
+        ]
     else:
         stages = [load_stage("main", cell_dir, False)]
     values = entry.get("values", {})
@@ -117,4 +120,5 @@ def load_sweep(directory: str | Path) -> Sweep:
         raise FileNotFoundError(
             f"{directory / 'sweep.json'} not found: is {directory} a sweep directory?"
         )
-    return Sweep(directory=directory, record=record, cells=[load_cell(c) for c in record["cells"]])
+    cells = [load_cell(c, directory) for c in record["cells"]]
+    return Sweep(directory=directory, record=record, cells=cells)

@@ -88,7 +88,7 @@ def read(path):
 
 
 def cell_dirs(sweep):
-    return [cell["dir"] for cell in json.loads((sweep / "sweep.json").read_text())["cells"]]
+    return [sweep / cell["dir"] for cell in json.loads((sweep / "sweep.json").read_text())["cells"]]
 
 
 @pytest.mark.slow
@@ -159,6 +159,33 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_data):
     assert read(f"{good}/status.json")["status"] == "finished"
     results = json.loads((sweep / "results.json").read_text())["status"]
     assert sorted(results.values()) == ["diverged", "finished"]
+
+
+@pytest.mark.slow
+def test_a_sweep_started_elsewhere_and_then_moved_still_reports_every_cell(tmp_path, tiny_data):
+    # a relative --out from a directory other than the repository, and a two-stage method whose
+    # stages.json names its stage directories: the report must find them after a move
+    path = write_grid(tmp_path, "{'METHOD': ['clip', 'superclass']}", "TRAIN_SAMPLES = 64")
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "harness.run", str(path), "--out", "mine"]
+    started = subprocess.run(
+        [*argv, "--gin_param", f"DATA='{tiny_data}'"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert (elsewhere / "mine" / "sweep.json").exists() and not (REPO / "mine").exists()
+    moved = tmp_path / "archive" / "mine"
+    moved.parent.mkdir()
+    (elsewhere / "mine").rename(moved)
+    report = subprocess.run(
+        [sys.executable, "-m", "reports", str(moved)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    text = (moved / "REPORT.md").read_text()
+    assert "2 of 2 cells finished" in text
 
 
 def test_slurm_script_for_a_2x5_grid(tmp_path, tiny_data):

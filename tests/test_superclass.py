@@ -166,10 +166,7 @@ def test_superclass_pipeline_runs_both_stages(tiny_data, tmp_path):
     final = run_pipeline(SMOKE, bindings, out=out)
     assert final == out / "lit"
     stages = json.loads((out / "stages.json").read_text())["stages"]
-    assert [(s["name"], s["run_dir"]) for s in stages] == [
-        ("cls", str(out / "cls")),
-        ("lit", str(out / "lit")),
-    ]
+    assert [(s["name"], s["run_dir"]) for s in stages] == [("cls", "cls"), ("lit", "lit")]
     cls_eval = json.loads((out / "cls" / "eval.json").read_text())
     lit_eval = json.loads((out / "lit" / "eval.json").read_text())
     assert "linprobe_mean_top1" in cls_eval and "i2t_r1" not in cls_eval
