@@ -4,6 +4,13 @@ Model configs are open_clip JSON configs (``embed_dim``, ``vision_cfg``, ``text_
 looked up in ``configs/models/`` first, then among open_clip's built-in configs (``ViT-B-32``...).
 Every vision tower is built with ``output_tokens=True`` so that methods get the pooled image
 embedding *and* the patch tokens (after the final norm) from one forward pass.
+
+The CPU models in ``configs/models/`` set ``"block_type": "custom"`` in both towers: open_clip's
+batch-first attention block (one packed qkv linear and ``scaled_dot_product_attention``) instead
+of ``nn.MultiheadAttention``, which transposes to sequence-first and back around every attention
+call in training mode. Same parameters and names; measured 15-16% faster training steps for
+tiny-vit at batch 32 and 512 on 2 CPU cores (clip, in-memory batches: 39.9 -> 34.0 ms and
+452 -> 379 ms).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import math
 from collections import OrderedDict
 
 import torch
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 from torch import nn
 
 from harness import models
@@ -28,7 +28,8 @@ class SasPBlock(nn.Module):
     out = A LN(x) + beta_FF MLP(LN(x)); per head A = alpha I + beta (softmax(QK'/sqrt(d) + M) - C),
     C = softmax(M) (the attention of zero queries). Values and output projection are the identity.
     With W_Q = 0, alpha = beta = 1 at init, A = I exactly. Drop-in for open_clip's
-    ``ResidualAttentionBlock`` inside a batch-first ``Transformer`` (self-attention only).
+    ``ResidualAttentionBlock`` or ``CustomResidualAttentionBlock`` inside a batch-first
+    ``Transformer`` (self-attention only).
     """
 
     def __init__(self, width: int, heads: int, mlp_width: int, *, act_layer, norm_layer):
@@ -108,7 +109,8 @@ def use_sas_p_blocks(transformer: nn.Module) -> None:
     if not transformer.batch_first:
         raise models.ModelError("SAS-P blocks need a batch-first open_clip Transformer")
     for i, block in enumerate(transformer.resblocks):
-        if not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
+        replaceable = (ResidualAttentionBlock, CustomResidualAttentionBlock)
+        if not isinstance(block, replaceable) or hasattr(block, "ln_1_kv"):
             raise models.ModelError(f"SAS-P cannot replace block {i} ({type(block).__name__})")
         transformer.resblocks[i] = SasPBlock(
             block.ln_1.normalized_shape[0], block.attn.num_heads, block.mlp.c_fc.out_features,

@@ -28,6 +28,7 @@ from methods.siclip import (
     sample_negatives,
     write_teacher_run_dir,
 )
+from methods.student_options import use_sas_p_blocks
 from tests.conftest import REPO
 from tests.dist_utils import build, make_batch, one_step
 
@@ -359,6 +360,19 @@ def test_sas_p_block_is_identity_attention_at_init():
     assert attn.triu(1).abs().max() == 0
     assert torch.allclose(attn.sum(-1), torch.ones(3, 4, 7), atol=1e-5)
     assert not torch.equal(attn, torch.eye(7).expand(3, 4, 7, 7))
+
+
+@pytest.mark.parametrize("block_type", ["default", "custom"])
+def test_sas_p_replaces_either_open_clip_block_type(micro_cfg, block_type):
+    # the CPU configs use open_clip's custom (batch-first) block; open_clip names use the default
+    cfg = copy.deepcopy(micro_cfg)
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg[tower]["block_type"] = block_type
+    model = models.build_clip(cfg)
+    use_sas_p_blocks(model.transformer)
+    assert all(isinstance(b, SasPBlock) for b in model.transformer.resblocks)
+    tokens = torch.randint(1, 100, (2, models.context_length(cfg)))
+    assert torch.isfinite(models.encode_text(model, tokens)).all()
 
 
 def test_sas_p_student_has_fewer_parameters_and_trains(teacher_dir, micro_cfg):
