@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,12 @@ def load_cell(entry: dict, sweep_dir: Path) -> CellResult:
     cell_dir = sweep_dir / entry["dir"]
     listed = (read_json(cell_dir / "stages.json") or {}).get("stages")
     if listed:
+        # normalised: cells sharing a stage name it ../../shared/<stage>, one directory for all
         stages = [
-            load_stage(s["name"], cell_dir / s["run_dir"], s.get("shared", False)) for s in listed
+            load_stage(
+                s["name"], Path(os.path.normpath(cell_dir / s["run_dir"])), s.get("shared", False)
+            )
+            for s in listed
         ]
     else:
         stages = [load_stage("main", cell_dir, False)]

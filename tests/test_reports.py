@@ -234,3 +234,21 @@ def test_gap_slope_with_one_seed_sees_a_shrinking_advantage(tmp_path):
     assert gap["how"] == "bootstrap over test images"
     assert gap["high"] < 0 and gap["p_value"] < 0.01 and -20 < gap["slope"] < -8
     assert "gap slope / batch doubling" in (sweep / "REPORT.md").read_text()
+
+
+def test_a_stage_shared_by_cells_is_listed_once(tmp_path):
+    # stages.json names a shared stage relative to each cell: ../../shared/teacher-h
+    write_run(tmp_path / "shared" / "teacher-h", method="clip", batch=64, seed=0,
+              metrics={"i2t_r1": 31.0, "t2i_r1": 30.0})  # fmt: skip
+    cells = [("siclip", b, 0, {"i2t_r1": 10.0, "t2i_r1": 12.0}) for b in (32, 64)]
+    write_sweep(tmp_path, cells)
+    for method, batch, seed, metrics in cells:
+        cell = tmp_path / "cells" / f"method={method}__batch_size={batch}__seed={seed}__h"
+        write_run(cell / "student", method=method, batch=batch, seed=seed, metrics=metrics)
+        stages = [{"name": "teacher", "run_dir": "../../shared/teacher-h", "shared": True},
+                  {"name": "student", "run_dir": "student", "shared": False}]  # fmt: skip
+        (cell / "stages.json").write_text(json.dumps({"stages": stages}))
+    text = build_report(tmp_path).read_text()
+    section = text[text.index("## Earlier stages") :]
+    assert section.count("| siclip | teacher | 64 | 31.0 | 30.0 |") == 1
+    assert "2 of 2 cells finished" in text
