@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from harness import checkpoint, config, distributed, faults, models, rundir
+from harness import checkpoint, config, distributed, faults, host_memory, models, rundir
 from harness.config import ConfigError, RunSpec
 from harness.costs import count_costs
 from harness.data import resolve_manifest
@@ -151,6 +151,8 @@ def build(spec: RunSpec) -> Built:
 
 def build_trainer(b: Built, run_dir: Path) -> Trainer:
     """The seeded model and its trainer (also what bench/ times)."""
+    if b.dist.device.type == "cpu":
+        host_memory.keep_freed_memory()  # large per-step tensors are reused, not re-faulted
     if b.spec.train.deterministic:
         set_deterministic()
     torch.manual_seed(b.spec.train.seed)

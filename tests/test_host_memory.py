@@ -1,0 +1,46 @@
+"""With harness.host_memory on, a step's large tensors stop being page-faulted in every step."""
+
+import subprocess
+import sys
+
+import pytest
+
+from harness import host_memory
+from tests.conftest import REPO
+
+# page faults of each of 8 forward+backward passes of a logsumexp over 512 x 49,408 logits
+# (superclip's classification loss at batch 512), printed by a fresh process
+PROBE = """
+import resource, sys, torch
+from harness import host_memory
+if sys.argv[1] == "on":
+    assert host_memory.keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+z = torch.ones(512, 49408, requires_grad=True)
+for _ in range(8):
+    before = faults()
+    torch.logsumexp(z, dim=1).sum().backward()
+    print(faults() - before)
+"""
+
+
+def faults_per_step(mode: str) -> list[int]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [int(n) for n in done.stdout.split()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_large_step_tensors_are_reused_instead_of_faulted_in_again():
+    tensor_pages = 512 * 49408 * 4 // 4096
+    default = faults_per_step("off")
+    kept = faults_per_step("on")
+    assert min(default[-3:]) > tensor_pages  # glibc's default: fresh mmaps every pass
+    assert max(kept[-3:]) < tensor_pages // 10  # heap blocks reused once the heap has grown
+
+
+def test_returns_a_bool_and_can_be_called_twice():
+    assert host_memory.keep_freed_memory() is host_memory.keep_freed_memory()
