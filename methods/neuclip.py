@@ -130,6 +130,40 @@ def npn_objective(alpha: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
     return (torch.exp(log_norm - alpha) + alpha).mean()
 
 
+def npn_gradient(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    prototypes: torch.Tensor,
+    log_norm: torch.Tensor,
+    *,
+    tau: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """d ``npn_objective`` / d prototypes in closed form: no autograd graph, a dozen kernels.
+
+    The NPN step runs T_u = 10 times per side per training step on small matrices, so on a GPU
+    its cost is kernel launches and autograd bookkeeping, not arithmetic (measured on an H100:
+    the autograd version made neuclip's loss 25-40 ms). Leading dimensions broadcast: both sides
+    go through at once as (2, N, d) anchors against (2, m, d) prototypes. With z_ik =
+    (cos(f_i, W_k) - p_i) / tau and a_i = log(eps + mean_k e^z_ik):
+        dJ/da_i  = (1 - e^(log_norm_i - a_i)) / N        (exponent capped at EXP_CAP)
+        da_i/dz_ik = softmax_k(z_i) * e^(log_mean_i - a_i),  log_mean_i = log mean_k e^z_ik
+    and back through cos = f . W_k / |W_k|: dJ/dW_k = (G_k - Wn_k (G_k . Wn_k)) / |W_k|, where
+    G_k = sum_i dJ/dcos_ik f_i and Wn_k = W_k / |W_k|.
+    """
+    norm = prototypes.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
+    unit_protos = prototypes / norm
+    z = (anchor @ unit_protos.transpose(-1, -2) - positive[..., None]) / tau
+    lse = torch.logsumexp(z, dim=-1)
+    log_mean = lse - math.log(prototypes.shape[-2])
+    alpha = torch.logaddexp(log_mean, torch.full_like(log_mean, math.log(eps)))
+    upstream = (1 - torch.exp((log_norm - alpha).clamp(max=EXP_CAP))) / anchor.shape[-2]
+    weight = upstream * torch.exp(log_mean - alpha) / tau
+    d_cos = torch.exp(z - lse[..., None]) * weight[..., None]
+    d_unit = d_cos.transpose(-1, -2) @ anchor
+    return (d_unit - unit_protos * (d_unit * unit_protos).sum(-1, keepdim=True)) / norm
+
+
 def adagrad_npn_steps(
     prototypes: torch.Tensor,
     sumsq: torch.Tensor,
@@ -144,17 +178,12 @@ def adagrad_npn_steps(
     adagrad_eps: float = 1e-10,
 ) -> None:
     """``steps`` AdaGrad steps on ``prototypes`` (in place; ``sumsq`` its accumulator) on
-    ``npn_objective``; anchors, positives, tau and ``log_norm`` are constants."""
+    ``npn_objective``; anchors, positives, tau and ``log_norm`` are constants. Leading dimensions
+    broadcast as in ``npn_gradient``."""
     for _ in range(steps):
-        leaf = prototypes.detach().requires_grad_()
-        with torch.enable_grad():
-            alpha = npn_alpha(anchor, positive, leaf, tau=tau, eps=eps)
-        # d objective / d a_i = (1 - e^(log_norm_i - a_i)) / B, exponent capped (module docstring)
-        excess = torch.exp((log_norm - alpha.detach()).clamp(max=EXP_CAP))
-        (grad,) = torch.autograd.grad(alpha, leaf, (1 - excess) / alpha.shape[0])
-        with torch.no_grad():
-            sumsq.add_(grad.square())
-            prototypes.addcdiv_(grad, sumsq.sqrt().add_(adagrad_eps), value=-lr)
+        grad = npn_gradient(anchor, positive, prototypes, log_norm, tau=tau, eps=eps)
+        sumsq.add_(grad.square())
+        prototypes.addcdiv_(grad, sumsq.sqrt().add_(adagrad_eps), value=-lr)
 
 
 def rgcl_objective(
@@ -331,14 +360,17 @@ class NeuClip(Method):
         if self.counts["step"] % self.restart_every == 0 or just_filled:
             self._restart()
         k = self.counts["num_active"]
-        positive = (all_image * all_text).sum(-1)
-        sides = ((self.w1, self.w1_sumsq, all_image, global_norm[0]),
-                 (self.w2, self.w2_sumsq, all_text, global_norm[1]))  # fmt: skip
-        for prototypes, sumsq, anchor, log_norm in sides:
-            adagrad_npn_steps(
-                prototypes[:k], sumsq[:k], anchor, positive, log_norm, tau=tau, eps=self.eps,
-                lr=self.npn_lr, steps=self.npn_steps, adagrad_eps=self.adagrad_eps,
-            )  # fmt: skip
+        # Both sides in one batched update (half the kernel launches): W1 scores image anchors,
+        # W2 text anchors; the positives f_i . g_i are shared.
+        prototypes = torch.stack([self.w1[:k], self.w2[:k]])
+        sumsq = torch.stack([self.w1_sumsq[:k], self.w2_sumsq[:k]])
+        adagrad_npn_steps(
+            prototypes, sumsq, torch.stack([all_image, all_text]), (all_image * all_text).sum(-1),
+            torch.stack(global_norm), tau=tau, eps=self.eps, lr=self.npn_lr,
+            steps=self.npn_steps, adagrad_eps=self.adagrad_eps,
+        )  # fmt: skip
+        self.w1[:k], self.w2[:k] = prototypes
+        self.w1_sumsq[:k], self.w2_sumsq[:k] = sumsq
         self._set_counter("step", self.counts["step"] + 1)
 
     def _push(self, image: torch.Tensor, text: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ from methods.neuclip import (
     adagrad_npn_steps,
     log_normalisers,
     npn_alpha,
+    npn_gradient,
     npn_objective,
     rgcl_objective,
 )
@@ -74,6 +75,31 @@ def test_F_with_exact_alpha_equals_the_direct_loss_in_value_and_gradient(tau):
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
     for name, got, want in zip(("image", "text", "theta"), ours_grads, ref_grads, strict=True):
         assert_close_to_scale(got.double(), want, name, rel=1e-4)  # float32 vs float64
+
+
+@pytest.mark.parametrize("tau", [0.07, 0.01])
+def test_the_closed_form_npn_gradient_equals_autograd_per_side_and_stacked(tau):
+    """npn_gradient against autograd through npn_objective(npn_alpha(...)), for each side alone
+    and for both sides stacked (as the method runs them); prototypes of unequal norms, so the
+    gradient through the prototype normalisation is exercised."""
+    image, text = pairs(24, 16, seed=11)
+    tau = torch.tensor(tau)
+    norms = log_normalisers(image, text, image, text, tau=tau, eps=EPS, offset=0)
+    positive = (image * text).sum(-1)
+    protos = [unit(40, 16, seed=s) * torch.rand(40, 1, generator=torch.Generator().manual_seed(s))
+              + 0.5 for s in (12, 13)]  # fmt: skip
+    expected = []
+    for anchor, w, log_norm in zip((image, text), protos, norms, strict=True):
+        leaf = w.clone().requires_grad_()
+        objective = npn_objective(npn_alpha(anchor, positive, leaf, tau=tau, eps=EPS), log_norm)
+        (want,) = torch.autograd.grad(objective, leaf)
+        got = npn_gradient(anchor, positive, w, log_norm, tau=tau, eps=EPS)
+        assert_close_to_scale(got.double(), want.double(), "prototype gradient", rel=1e-4)
+        expected.append(want)
+    stacked = npn_gradient(torch.stack([image, text]), positive, torch.stack(protos),
+                           torch.stack(norms), tau=tau, eps=EPS)  # fmt: skip
+    for side, want in enumerate(expected):
+        assert_close_to_scale(stacked[side].double(), want.double(), f"side {side}", rel=1e-4)
 
 
 def test_T_u_adagrad_steps_reduce_the_npn_objective_on_a_fixed_batch():
