@@ -151,16 +151,21 @@ def test_pm_head_reads_f_g_product_and_absolute_difference():
     assert PairMatchingHead(2)(f, g).shape == (1, 2)
 
 
-def test_negatives_follow_the_masked_softmax_of_their_row():
-    logits = torch.tensor([[5.0, 1.0, 0.0, 2.0], [0.5, 9.0, 0.5, 1.5]])  # rows 0, 1 of N = 4
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the noise is drawn there
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_negatives_follow_the_masked_softmax_of_their_row(device):
+    logits = torch.tensor([[5.0, 1.0, 0.0, 2.0], [0.5, 9.0, 0.5, 1.5]], device=device)
     draws = 4000
     counts = torch.zeros(2, 4)
     for step in range(draws):
-        noise = gumbel_noise(4, seed=3, step=step, draws=1)[0]
-        picked = sample_negatives(logits, noise[:2], offset=0)
+        noise = gumbel_noise(4, seed=3, step=step, draws=1, device=device)[0]
+        assert noise.device.type == device
+        picked = sample_negatives(logits, noise[:2], offset=0).cpu()
         counts[torch.arange(2), picked] += 1
     assert counts[0, 0] == 0 and counts[1, 1] == 0  # never the row's own pair
-    masked = logits.clone()
+    masked = logits.cpu()
     masked[[0, 1], [0, 1]] = float("-inf")
     expected = masked.softmax(dim=1)
     assert torch.allclose(counts / draws, expected, atol=0.03)
