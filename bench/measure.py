@@ -83,14 +83,15 @@ class NvmlSampler:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:  # at least one sample, however short the timed steps
             try:
                 self.util.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
                 self.mem.append(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
             except Exception as e:
                 self.reason = f"NVML query failed: {type(e).__name__}: {e}"
                 return
-            self._stop.wait(self.interval_s)
+            if self._stop.wait(self.interval_s):
+                return
 
     def stop(self) -> None:
         self._stop.set()

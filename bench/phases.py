@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -210,7 +211,15 @@ def _one_phased_step(
 
 def time_loader(trainer: Trainer, *, warmup: int, batches: int) -> dict[str, Any]:
     """The training loader's configuration iterated with nothing else running in this process:
-    mean time per batch over ``batches`` batches after ``warmup`` of them."""
+    mean time per batch over ``batches`` batches after ``warmup`` of them.
+
+    With W workers, all start together and their first batches arrive as one burst, so the
+    warm-up is at least one round of W batches and the timed part whole rounds, at least three:
+    timing fewer batches than workers measured batches already waiting in the queue (a 12-worker
+    loader showed 876k samples/s on an H100 machine)."""
+    workers = max(1, trainer.loader_args["config"].num_workers)
+    warmup = max(warmup, workers)
+    batches = math.ceil(max(batches, 3 * workers) / workers) * workers
     loader = iter(train_loader(**trainer.loader_args))
     for _ in range(warmup):
         next(loader)

@@ -218,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 rows.append(run_subprocess(args, method, batch, peak, Path(tmp) / "cell.json"))
+        # Rewritten after every cell: a bench stopped half-way keeps the cells it measured.
+        if distributed.env_rank() == 0:
+            paths = report.write(out, header, rows)
     if distributed.env_rank() == 0:
-        paths = report.write(out, header, rows)
         print("\n".join(str(p) for p in paths))
     distributed.shutdown()
     failed = [r for r in rows if "error" in r]
