@@ -27,7 +27,7 @@ def write_hparams(sweep, folder: Path) -> None:
             for m in HPARAM_METRICS
             if m in cell.final.metrics
         }
-        throughput = cell.final.throughput.get("samples_per_s")
+        throughput = cell.main.throughput.get("samples_per_s")
         if throughput:
             metrics["hparam/samples_per_s"] = float(throughput)
         with SummaryWriter(log_dir=str(folder / cell.name)) as writer:

@@ -45,7 +45,15 @@ class CellResult:
 
     @property
     def final(self) -> Stage:
+        """The stage whose evaluation is the cell's result (superclass: LiT)."""
         return self.stages[-1]
+
+    @property
+    def main(self) -> Stage:
+        """The stage that trains the cell's objective at the cell's batch: the first stage the cell
+        owns (a shared teacher is not; superclass's stage 1 is, its LiT readout may run at
+        another batch). Batch, seed, throughput and cost columns come from it."""
+        return next((s for s in self.stages if not s.shared), self.final)
 
     @property
     def status(self) -> str:
@@ -106,7 +114,7 @@ def load_cell(entry: dict, sweep_dir: Path) -> CellResult:
         stages = [load_stage("main", cell_dir, False)]
     values = entry.get("values", {})
     final = stages[-1]
-    train = final.run.get("train", {})
+    train = next((s for s in stages if not s.shared), final).run.get("train", {})  # .main's
     return CellResult(
         name=entry["name"],
         values=values,

@@ -231,11 +231,11 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
     rows = []
     for method in sweep.methods:
         for b in sweep.batches:
-            cells = [c for c in groups.get((method, b), []) if c.final.throughput]
+            cells = [c for c in groups.get((method, b), []) if c.main.throughput]
             if not cells:
                 continue
-            t = _median_dict([c.final.throughput for c in cells])
-            flops = cells[0].final.costs.get("train_flops_per_sample")
+            t = _median_dict([c.main.throughput for c in cells])
+            flops = cells[0].main.costs.get("train_flops_per_sample")
             achieved = flops * t["samples_per_s"] if flops and t.get("samples_per_s") else None
             mfu = f"{100 * achieved / peak:.1f}%" if achieved and peak else "n/a"
             rows.append([
@@ -243,7 +243,10 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
                 f"{100 * t.get('data_wait_fraction', float('nan')):.0f}%", _num(t.get("peak_memory_mb"), 0),
                 _num(flops / 1e9 if flops else None, 3), mfu, str(int(t.get("corrupt_samples", 0))),
             ])  # fmt: skip
-    return table(header, rows)
+    return table(header, rows) + (
+        "\n\nEach row is the stage that trains the method's objective at that batch (superclass: "
+        "stage 1, not its LiT readout; siclip: the student, its teacher's forward included)."
+    )
 
 
 def _median_dict(dicts: list[dict]) -> dict:

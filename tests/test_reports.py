@@ -252,3 +252,27 @@ def test_a_stage_shared_by_cells_is_listed_once(tmp_path):
     section = text[text.index("## Earlier stages") :]
     assert section.count("| siclip | teacher | 64 | 31.0 | 30.0 |") == 1
     assert "2 of 2 cells finished" in text
+
+
+def test_a_readout_stage_at_another_batch_keeps_the_cell_at_its_own_batch(tmp_path):
+    """superclass: stage 1 at the cell's batch, LiT at a fixed 64. The cell is reported at stage
+    1's batch with stage 1's throughput; its retrieval numbers are LiT's."""
+    cells = [("superclass", b, 0, {"i2t_r1": 5.0, "t2i_r1": 4.0}) for b in (32, 512)]
+    write_sweep(tmp_path, cells)
+    for method, batch, seed, metrics in cells:
+        cell = tmp_path / "cells" / f"method={method}__batch_size={batch}__seed={seed}__h"
+        write_run(cell / "cls", method=method, batch=batch, seed=seed, metrics={"linprobe": 70.0})
+        write_run(cell / "lit", method=method, batch=64, seed=seed, metrics=metrics)
+        throughput = cell / "lit" / "throughput.json"
+        throughput.write_text(
+            json.dumps({**json.loads(throughput.read_text()), "samples_per_s": 7.0})
+        )
+        stages = [{"name": "cls", "run_dir": "cls", "shared": False},
+                  {"name": "lit", "run_dir": "lit", "shared": False}]  # fmt: skip
+        (cell / "stages.json").write_text(json.dumps({"stages": stages}))
+    text = build_report(tmp_path).read_text()
+    assert "| superclass | 5.0 | 5.0 |" in text  # i2t R@1 at b=32 and b=512, no b=64 column
+    assert "b=64" not in text
+    throughput = text[text.index("| method | batch | samples/s") : text.index("## Parameters")]
+    assert "| superclass | 512 | 2,263 |" in throughput  # stage 1's: 100 * sqrt(512)
+    assert "| 7 |" not in throughput  # not the LiT stage's

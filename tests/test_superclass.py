@@ -14,7 +14,7 @@ from harness.data import DataConfig, prepare_batch
 from harness.distributed import DistInfo
 from harness.pipeline import plan_stages, run_pipeline
 from harness.trainer import TrainConfig, Trainer
-from methods import RunInfo, build_method
+from methods import RunInfo, build_method, method_class
 from methods.superclass import LIT_TRAINABLE, locked_image_embedding
 from methods.token_classification import VOCAB_SIZE
 from tests.conftest import REPO
@@ -76,6 +76,20 @@ def test_stages_bind_stage1_into_lit_with_a_fraction_of_the_budget():
     assert "superclass.phase = 'lit'" in stages[1].bindings
     planned = plan_stages(SMOKE, ["METHOD='superclass'", "superclass.lit_samples_fraction=0.25"])
     assert "TRAIN_SAMPLES = 160" in planned[1].bindings  # smoke.gin: TRAIN_SAMPLES = 640
+
+
+def test_the_lit_stage_runs_at_lit_batch_size_or_the_runs_batch():
+    run = RunInfo(batch_size=512, train_samples=1000, model="m")
+    fixed = method_class("superclass")(lit_batch_size=64).stages(run)
+    assert "TrainConfig.batch_size = 64" in fixed[1].bindings
+    assert not any("batch_size" in b for b in fixed[0].bindings)  # stage 1: the cell's batch
+    default = method_class("superclass")(lit_batch_size=None).stages(run)
+    assert not any("batch_size" in b for b in default[1].bindings)
+    planned = plan_stages(SMOKE, ["METHOD='superclass'"])  # configs/methods/superclass.gin: 64
+    assert "TrainConfig.batch_size = 64" in planned[1].bindings
+    for bad in (0, 2.5):
+        with pytest.raises(ConfigError, match="lit_batch_size"):
+            method_class("superclass")(lit_batch_size=bad)
 
 
 def test_lit_needs_the_stage1_run_dir(micro_cfg):
