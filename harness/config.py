@@ -203,6 +203,30 @@ def config_hash(*extra: Any, ignore: frozenset[str] = frozenset()) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
+def differing_bindings(
+    saved: str, *, ignore: frozenset[str] = frozenset(), ignore_params: frozenset[str] = frozenset()
+) -> list[str]:
+    """The lines where the parsed config and ``saved`` (an earlier ``full_config()``) differ, as
+    '- old' and '+ new'. Left out: the bindings of the ``ignore`` configurables (as in
+    ``config_hash``) and of ``ignore_params`` such as 'superclass.init_from', which hold the
+    directories of earlier stages (their own configs are checked where they run, and a sweep may
+    have moved since)."""
+
+    def kept(text: str) -> list[str]:
+        return [
+            line
+            for line in text.splitlines()
+            if line.strip()
+            and not line.startswith("#")
+            and _configurable_of(line) not in ignore
+            and not any(line.split("=", 1)[0].strip().endswith(p) for p in ignore_params)
+        ]
+
+    old, new = kept(saved), kept(full_config())
+    old_set, new_set = set(old), set(new)
+    return [f"- {x}" for x in old if x not in new_set] + [f"+ {x}" for x in new if x not in old_set]
+
+
 def _configurable_of(line: str) -> str | None:
     """'scope/module.name.param = value' -> 'name'; None for macros, comments and blank lines."""
     selector = line.split("=", 1)[0].strip()

@@ -23,7 +23,7 @@ from harness.distributed import DistInfo
 from harness.evaluate import evaluate
 from harness.manifest import Manifest, write_json_atomic
 from harness.trainer import Diverged, Interrupted, Trainer, autocast, config_record
-from methods import Method, build_method
+from methods import Method, RunInfo, build_method, registered_names
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -110,6 +110,24 @@ def write_provenance(run_dir: Path, b: Built, derived: dict[str, Any]) -> None:
     write_json_atomic(run_dir / "run.json", record)
 
 
+def check_same_config(run_dir: Path, spec: RunSpec, method: Method) -> None:
+    """A finished or resumable run directory belongs to the config it was started with: reporting
+    its results for another config, or continuing its checkpoint under one, would be wrong."""
+    saved = run_dir / "config.gin"
+    if not saved.exists():
+        return
+    run = RunInfo(spec.train.batch_size, spec.train.train_samples, spec.run.model)
+    inputs = frozenset(param for stage in method.stages(run) for param in stage.inputs)
+    ignore = frozenset(registered_names()) - {spec.run.method}  # as the shared-stage hash
+    diff = config.differing_bindings(saved.read_text(), ignore=ignore, ignore_params=inputs)
+    if diff:
+        shown = "\n  ".join(diff[:8]) + ("\n  ..." if len(diff) > 8 else "")
+        raise ConfigError(
+            f"{run_dir} holds a run of another config; {saved} differs from this one in:\n"
+            f"  {shown}\nchoose another --out, or run it with the config it was started with"
+        )
+
+
 def set_deterministic() -> None:
     """Repeatable kernels: resumed and uninterrupted runs then agree (tests/test_run.py)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
@@ -126,6 +144,8 @@ def run_one(run_dir: Path | None, *, resume: bool = False) -> Path:
         raise ConfigError(str(e)) from None
     b = build(spec)
     run_dir = Path(run_dir) if run_dir else default_run_dir(spec, b.model_cfg)
+    if rundir.is_finished(run_dir) or (resume and checkpoint.latest(run_dir).exists()):
+        check_same_config(run_dir, spec, b.method)
     if rundir.is_finished(run_dir):
         print(f"{run_dir}: already finished; results in {run_dir / 'eval.json'}")
         return run_dir

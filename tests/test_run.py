@@ -9,6 +9,7 @@ import torch
 
 import methods
 from harness import checkpoint
+from harness.config import ConfigError
 from harness.pipeline import run_pipeline
 from harness.trainer import Trainer
 from tests.conftest import REPO, run_cli
@@ -53,6 +54,10 @@ RESUME_CASES = {
 }
 
 
+# A binding that changes the run's own config (not a shared stage's) for the refusal checks.
+OTHER_CONFIG = {"siclip": "siclip.seed=5"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", methods.registered_names())
 def test_resume_after_sigint_matches_an_uninterrupted_run(method, tiny_data, tmp_path, monkeypatch):
@@ -91,7 +96,17 @@ def test_resume_after_sigint_matches_an_uninterrupted_run(method, tiny_data, tmp
 
     with pytest.raises(Exception, match="--resume"):
         run_pipeline(smoke, bindings, out=tmp_path / "resumed")
+    other = OTHER_CONFIG.get(
+        method, "TrainConfig.lr=0.0123"
+    )  # siclip's lr would retrain the teacher
+    with pytest.raises(
+        ConfigError, match=f"(?s)holds a run of another config.*{other.split('=')[0]}"
+    ):
+        run_pipeline(smoke, [*bindings, other], out=tmp_path / "resumed", resume=True)
     resumed = run_pipeline(smoke, bindings, out=tmp_path / "resumed", resume=True)
+    with pytest.raises(ConfigError, match="holds a run of another config"):  # finished, too
+        run_pipeline(smoke, [*bindings, other], out=tmp_path / "resumed")
+    assert run_pipeline(smoke, bindings, out=tmp_path / "resumed") == resumed  # same: reported
 
     a, b = saved_state(straight), saved_state(resumed)
     assert set(a) == set(b)
