@@ -110,6 +110,12 @@ def write_provenance(run_dir: Path, b: Built, derived: dict[str, Any]) -> None:
     write_json_atomic(run_dir / "run.json", record)
 
 
+# Bindings that cannot change a run's results: a run may be resumed with other values (a fault
+# injected into the first attempt, a different checkpoint or logging interval).
+NOT_RESULT_PARAMS = frozenset({"Faults.spec", "TrainConfig.checkpoint_every_samples",
+                               "TrainConfig.log_every_steps", "TrainConfig.progress_bar"})  # fmt: skip
+
+
 def check_same_config(run_dir: Path, spec: RunSpec, method: Method) -> None:
     """A finished or resumable run directory belongs to the config it was started with: reporting
     its results for another config, or continuing its checkpoint under one, would be wrong."""
@@ -119,7 +125,9 @@ def check_same_config(run_dir: Path, spec: RunSpec, method: Method) -> None:
     run = RunInfo(spec.train.batch_size, spec.train.train_samples, spec.run.model)
     inputs = frozenset(param for stage in method.stages(run) for param in stage.inputs)
     ignore = frozenset(registered_names()) - {spec.run.method}  # as the shared-stage hash
-    diff = config.differing_bindings(saved.read_text(), ignore=ignore, ignore_params=inputs)
+    diff = config.differing_bindings(
+        saved.read_text(), ignore=ignore, ignore_params=inputs | NOT_RESULT_PARAMS
+    )
     if diff:
         shown = "\n  ".join(diff[:8]) + ("\n  ..." if len(diff) > 8 else "")
         raise ConfigError(

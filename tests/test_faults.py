@@ -126,19 +126,34 @@ def stopped_run(tmp_path_factory, tiny_data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("binding", "message"),
+    ("binding", "message", "with_config"),
     [
-        ("MODEL='tiny-vit'", "model does not match this run's model: .*shape mismatch"),
-        ("BATCH_SIZE=64", "saved with batch_size=32, this run has batch_size=64"),
+        # the run's own config.gin is compared first (Faults.spec and the checkpoint interval,
+        # which differ here too, cannot change results and are not reported)
+        (
+            "MODEL='tiny-vit'",
+            r"another config.*\n  - MODEL = 'micro-vit'\n  \+ MODEL = 'tiny-vit'\nchoose",
+            True,
+        ),
+        (
+            "BATCH_SIZE=64",
+            r"another config.*\n  - BATCH_SIZE = 32\n  \+ BATCH_SIZE = 64\nchoose",
+            True,
+        ),
+        # a checkpoint without its config.gin: the checkpoint itself is checked
+        ("MODEL='tiny-vit'", "model does not match this run's model: .*shape mismatch", False),
+        ("BATCH_SIZE=64", "saved with batch_size=32, this run has batch_size=64", False),
     ],
 )
 def test_an_incompatible_checkpoint_is_refused_with_what_differs(
-    stopped_run, tiny_data, tmp_path, binding, message
+    stopped_run, tiny_data, tmp_path, binding, message, with_config
 ):
     import re
 
     out = tmp_path / "copy"
     shutil.copytree(stopped_run, out)
+    if not with_config:
+        (out / "config.gin").unlink()
     # a later binding overrides the earlier one of the same macro
     argv = [*smoke(out, tiny_data), "--gin_param", binding, "--resume"]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
