@@ -143,23 +143,21 @@ def npn_gradient(
 
     The NPN step runs T_u = 10 times per side per training step on small matrices, so on a GPU
     its cost is kernel launches and autograd bookkeeping, not arithmetic (measured on an H100:
-    the autograd version made neuclip's loss 25-40 ms). Leading dimensions broadcast: both sides
+    the autograd version made neuclip's loss 24-42 ms). Leading dimensions broadcast: both sides
     go through at once as (2, N, d) anchors against (2, m, d) prototypes. With z_ik =
-    (cos(f_i, W_k) - p_i) / tau and a_i = log(eps + mean_k e^z_ik):
-        dJ/da_i  = (1 - e^(log_norm_i - a_i)) / N        (exponent capped at EXP_CAP)
-        da_i/dz_ik = softmax_k(z_i) * e^(log_mean_i - a_i),  log_mean_i = log mean_k e^z_ik
+    (cos(f_i, W_k) - p_i) / tau and a_i = log(eps + mean_k e^z_ik), as in ``npn_alpha``:
+        dJ/da_i    = (1 - e^(log_norm_i - a_i)) / N        (exponent capped at EXP_CAP)
+        da_i/dz_ik = e^(z_ik - a_i) / m                    (<= 1/m: a_i >= z_ik - log m)
     and back through cos = f . W_k / |W_k|: dJ/dW_k = (G_k - Wn_k (G_k . Wn_k)) / |W_k|, where
     G_k = sum_i dJ/dcos_ik f_i and Wn_k = W_k / |W_k|.
     """
+    m = prototypes.shape[-2]
     norm = prototypes.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
     unit_protos = prototypes / norm
     z = (anchor @ unit_protos.transpose(-1, -2) - positive[..., None]) / tau
-    lse = torch.logsumexp(z, dim=-1)
-    log_mean = lse - math.log(prototypes.shape[-2])
-    alpha = torch.logaddexp(log_mean, torch.full_like(log_mean, math.log(eps)))
+    alpha = log_eps_plus_mean_exp(z, count=m, eps=eps)
     upstream = (1 - torch.exp((log_norm - alpha).clamp(max=EXP_CAP))) / anchor.shape[-2]
-    weight = upstream * torch.exp(log_mean - alpha) / tau
-    d_cos = torch.exp(z - lse[..., None]) * weight[..., None]
+    d_cos = torch.exp(z - alpha[..., None] - math.log(m)) * (upstream / tau)[..., None]
     d_unit = d_cos.transpose(-1, -2) @ anchor
     return (d_unit - unit_protos * (d_unit * unit_protos).sum(-1, keepdim=True)) / norm
 
