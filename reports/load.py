@@ -33,6 +33,13 @@ class Stage:
         return int(self.status.get("step", 0)) * int(batch)
 
 
+def main_stage(stages: list[Stage]) -> Stage:
+    """The stage that trains the cell's objective at the cell's batch: the first stage the cell
+    owns (a shared teacher is not; superclass's stage 1 is, its LiT readout may run at another
+    batch). Batch, seed, throughput and cost columns come from it."""
+    return next((s for s in stages if not s.shared), stages[-1])
+
+
 @dataclass
 class CellResult:
     name: str
@@ -50,10 +57,7 @@ class CellResult:
 
     @property
     def main(self) -> Stage:
-        """The stage that trains the cell's objective at the cell's batch: the first stage the cell
-        owns (a shared teacher is not; superclass's stage 1 is, its LiT readout may run at
-        another batch). Batch, seed, throughput and cost columns come from it."""
-        return next((s for s in self.stages if not s.shared), self.final)
+        return main_stage(self.stages)
 
     @property
     def status(self) -> str:
@@ -114,7 +118,7 @@ def load_cell(entry: dict, sweep_dir: Path) -> CellResult:
         stages = [load_stage("main", cell_dir, False)]
     values = entry.get("values", {})
     final = stages[-1]
-    train = next((s for s in stages if not s.shared), final).run.get("train", {})  # .main's
+    train = main_stage(stages).run.get("train", {})
     return CellResult(
         name=entry["name"],
         values=values,
