@@ -20,7 +20,7 @@ from pathlib import Path
 from harness import config, models
 from harness.manifest import write_json_atomic
 from harness.train import run_one
-from methods import RunInfo, Stage, build_method, registered_names
+from methods import RunInfo, Stage, build_method, other_methods
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def shared_stage_hash() -> str:
     the hyperparameters of the method that *consumes* it must not force a retrain.
     """
     trained = config.resolve().run.method
-    return config.config_hash(ignore=frozenset(registered_names()) - {trained})
+    return config.config_hash(ignore=other_methods(trained))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from harness.distributed import DistInfo
 from harness.evaluate import evaluate
 from harness.manifest import Manifest, write_json_atomic
 from harness.trainer import Diverged, Interrupted, Trainer, autocast, config_record
-from methods import Method, RunInfo, build_method, registered_names
+from methods import Method, RunInfo, build_method, other_methods
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -124,9 +124,10 @@ def check_same_config(run_dir: Path, spec: RunSpec, method: Method) -> None:
         return
     run = RunInfo(spec.train.batch_size, spec.train.train_samples, spec.run.model)
     inputs = frozenset(param for stage in method.stages(run) for param in stage.inputs)
-    ignore = frozenset(registered_names()) - {spec.run.method}  # as the shared-stage hash
     diff = config.differing_bindings(
-        saved.read_text(), ignore=ignore, ignore_params=inputs | NOT_RESULT_PARAMS
+        saved.read_text(),
+        ignore=other_methods(spec.run.method),  # as the shared-stage hash
+        ignore_params=inputs | NOT_RESULT_PARAMS,
     )
     if diff:
         shown = "\n  ".join(diff[:8]) + ("\n  ..." if len(diff) > 8 else "")
@@ -152,9 +153,10 @@ def run_one(run_dir: Path | None, *, resume: bool = False) -> Path:
         raise ConfigError(str(e)) from None
     b = build(spec)
     run_dir = Path(run_dir) if run_dir else default_run_dir(spec, b.model_cfg)
-    if rundir.is_finished(run_dir) or (resume and checkpoint.latest(run_dir).exists()):
+    finished = rundir.is_finished(run_dir)
+    if finished or (resume and checkpoint.latest(run_dir).exists()):
         check_same_config(run_dir, spec, b.method)
-    if rundir.is_finished(run_dir):
+    if finished:
         print(f"{run_dir}: already finished; results in {run_dir / 'eval.json'}")
         return run_dir
     resuming = prepare_run_dir(run_dir, resume=resume)

@@ -50,6 +50,11 @@ def method_class(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
+def other_methods(name: str) -> frozenset[str]:
+    """Every registered method but ``name``: their gin bindings cannot change a ``name`` run."""
+    return frozenset(registered_names()) - {name}
+
+
 def build_method(name: str) -> Method:
     """Instantiate a registered method with its gin-bound hyperparameters."""
     return method_class(name)()
@@ -70,6 +75,7 @@ __all__ = [
     "UnknownMethodError",
     "build_method",
     "method_class",
+    "other_methods",
     "register",
     "registered_names",
 ]
