@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "gin_params": args.gin_param,
         "phases_note": PHASES_NOTE,
     }
-    rows = []
+    rows, paths = [], []
     for method, batch in cells(args):
         print(f"bench: {method} batch {batch}", file=sys.stderr, flush=True)
         if in_process:
