@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn
 
+from harness.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,6 +47,11 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank} needs GPU {local_rank}; visible GPUs: {torch.cuda.device_count()}. "
+            f"Start at most that many processes per node, or set RunConfig.device='cpu'"
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

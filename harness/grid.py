@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import gin
+import torch
 
 from harness import config, models, rundir
 from harness.config import ConfigError
@@ -123,6 +124,7 @@ def plan_cells(config_files: list[Path], bindings: list[str], grid: Grid) -> lis
             method = build_method(spec.run.method)
             model_cfg = models.model_config(spec.run.model)
             _check_batch(spec, grid)
+            _check_devices(spec, grid)
             key = spec.data.manifest
             if key not in manifests:
                 manifests[key] = resolve_manifest(spec.data)
@@ -144,6 +146,21 @@ def _check_batch(spec, grid: Grid) -> None:
         raise ConfigError(
             f"BATCH_SIZE={spec.train.batch_size} is not divisible by the number of processes "
             f"({grid.world_size})"
+        )
+
+
+def _check_devices(spec, grid: Grid) -> None:
+    """Each local rank takes its own GPU (NCCL refuses two ranks on one): enough must be visible."""
+    if grid.launcher != "local" or grid.nproc_per_node == 1:
+        return
+    device = spec.run.device
+    uses_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    visible = torch.cuda.device_count() if uses_cuda else 0
+    if uses_cuda and visible < grid.nproc_per_node:
+        raise ConfigError(
+            f"Grid.nproc_per_node={grid.nproc_per_node} needs one GPU per process and "
+            f"{visible} {'is' if visible == 1 else 'are'} visible; lower it or set "
+            f"RunConfig.device='cpu'"
         )
 
 

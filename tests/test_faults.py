@@ -48,7 +48,11 @@ def test_oom_marks_the_cell_oom_and_the_sweep_continues(tmp_path, tiny_data):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_a_crashed_torchrun_worker_marks_the_cell_failed_with_the_log_tail(tmp_path, tiny_data):
-    path = write_grid(tmp_path, "{'Faults.spec': ['crash@2@1']}", "Grid.nproc_per_node = 2")
+    path = write_grid(
+        tmp_path,
+        "{'Faults.spec': ['crash@2@1']}",
+        "Grid.nproc_per_node = 2\nRunConfig.device = 'cpu'",
+    )
     sweep = tmp_path / "sweep"
     done = run_cli(
         "harness.run", str(path), "--out", str(sweep), "--gin_param", f"DATA='{tiny_data}'"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness import config
 from harness.config import ConfigError
@@ -27,8 +28,8 @@ def write_grid(tmp_path, axes: str, extra: str = "", name: str = "sweep.gin"):
     return path
 
 
-def planned(tmp_path, tiny_data, axes, **grid_kwargs):
-    path = write_grid(tmp_path, axes)
+def planned(tmp_path, tiny_data, axes, extra="", **grid_kwargs):
+    path = write_grid(tmp_path, axes, extra)
     bindings = [f"DATA='{tiny_data}'"]
     config.parse([path], bindings)
     grid = configured_grid()
@@ -61,7 +62,11 @@ def test_cells_are_named_by_values_and_config_hash(tmp_path, tiny_data):
     ("axes", "grid_kwargs", "message"),
     [
         ("{'METHOD': ['clip', 'clipp']}", {}, "METHOD='clipp'.*unknown method 'clipp'.*clip"),
-        ("{'BATCH_SIZE': [32, 33]}", {"nproc_per_node": 2}, "BATCH_SIZE=33.*not divisible"),
+        (
+            "{'BATCH_SIZE': [32, 33]}",
+            {"nproc_per_node": 2, "extra": "RunConfig.device = 'cpu'"},
+            "BATCH_SIZE=33.*not divisible",
+        ),
         ("{'BATCH_SIZE': [32, 100000]}", {}, "BATCH_SIZE=100000.*larger than the training split"),
         ("{'MODEL': ['micro-vit', 'nope']}", {}, "unknown model 'nope'"),
     ],
@@ -69,6 +74,28 @@ def test_cells_are_named_by_values_and_config_hash(tmp_path, tiny_data):
 def test_every_cell_is_validated_before_any_runs(tmp_path, tiny_data, axes, grid_kwargs, message):
     with pytest.raises(ConfigError, match=message):
         planned(tmp_path, tiny_data, axes, **grid_kwargs)
+
+
+def test_more_local_processes_than_gpus_is_refused_before_any_run(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"nproc_per_node=2 needs one GPU per process and 1 is"):
+        planned(tmp_path, tiny_data, "{'SEED': [0]}", nproc_per_node=2)
+    assert planned(tmp_path, tiny_data, "{'SEED': [0]}", nproc_per_node=1)
+    cpu = planned(
+        tmp_path, tiny_data, "{'SEED': [0]}", "RunConfig.device = 'cpu'", nproc_per_node=2
+    )
+    assert len(cpu) == 1
+
+
+def test_a_rank_without_its_own_gpu_is_refused(monkeypatch):
+    from harness import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 needs GPU 1; visible GPUs: 1"):
+        distributed.init("auto")
 
 
 def test_bad_grid_values_are_refused(tmp_path, tiny_data, capsys):
