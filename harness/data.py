@@ -22,8 +22,11 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import random
+import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from harness.manifest import DataError, Manifest, check_shards, load_manifest
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+WDS_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it does
 _UNLABELLED = object()  # a valid sample the reader was asked to pass over (not corrupt)
 
 
@@ -242,7 +246,7 @@ class ShardStream(IterableDataset):
             shards, stride = self._epoch_shards(epoch, slot, n_slots)
             position = -1
             for url in shards:
-                samples = wds.tarfile_samples([{"url": url}], handler=self._count_broken)
+                samples = wds.tariterators.group_by_keys(self._tar_members(url))
                 for ordinal, sample in enumerate(samples):
                     position += 1
                     if stride > 1 and position % stride != slot:
@@ -251,10 +255,34 @@ class ShardStream(IterableDataset):
                     yield sample
             epoch += 1
 
-    def _count_broken(self, exn: Exception) -> bool:
-        """webdataset's error handler: a truncated or garbled tar member is counted, not fatal."""
-        self.broken += 1
-        return True
+    def _tar_members(self, url: str) -> Iterator[dict[str, Any]]:
+        """The regular files of one shard, in order, as webdataset's ``group_by_keys`` takes them.
+
+        The shard is read with tarfile's random-access mode and each member's bytes are sliced
+        from a memory map: webdataset's own reader uses the streaming mode, which took 51-54 us
+        per sample on the built-in shards against 39-40 us this way (2-core CPU), about a
+        sixteenth of the loader's whole time per sample.
+        A truncated or garbled shard ends there and counts once in ``broken``; the samples
+        before the damage are kept.
+        """
+        try:
+            with (
+                open(url, "rb") as file,
+                mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
+                tarfile.open(fileobj=file, mode="r:") as tar,
+            ):
+                for member in tar:
+                    if not member.isreg() or WDS_META.match(member.name):
+                        continue
+                    end = member.offset_data + member.size  # a cut member: short, undecodable
+                    yield {"fname": member.name, "data": data[member.offset_data : end],
+                           "__url__": url}  # fmt: skip
+                # tarfile stops quietly at a cut or garbled header; a whole archive ends in zeros
+                end_block = data[tar.offset : tar.offset + tarfile.BLOCKSIZE]
+                if len(end_block) < tarfile.BLOCKSIZE or any(end_block):
+                    raise tarfile.ReadError(f"{url} is cut or garbled at byte {tar.offset}")
+        except (tarfile.TarError, EOFError, OSError, ValueError):  # ValueError: an empty file
+            self.broken += 1
 
     def _shuffled(self, raw: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         if not self.train or self.shuffle_buffer <= 1:

@@ -109,11 +109,50 @@ def test_corrupt_samples_are_skipped_and_counted(tiny_data, tmp_path):
         root=tmp_path,
         splits={"test": replace(good.splits["test"], shards=[replace(shard, path="bad.tar")])},
     )
-    (tmp_path / shard.path).exists()
     stream = ShardStream(
         mixed, "test", batch_size=4, image_size=32, context_length=36, train=False, epochs=1
     )
     assert list(make_loader(stream, 0)) == []  # nothing decodable, nothing yielded, no crash
+
+
+def _damage(path, how: str) -> None:
+    """Cut or garble ``path`` (a tar of json+png samples) inside sample 10."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        members = [m for m in tar if m.name.startswith("00000010")]
+    data = bytearray(path.read_bytes())
+    if how == "cut in a member":
+        data = data[: members[1].offset_data + 5]
+    elif how == "cut in a header":
+        data = data[: members[0].offset + 100]
+    elif how == "garbled header":
+        data[members[0].offset + 148 : members[0].offset + 156] = b"garbage!"  # its checksum
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["intact", "cut in a member", "cut in a header", "garbled header"])
+def test_a_damaged_shard_keeps_what_precedes_the_damage_and_counts_it(tiny_data, tmp_path, how):
+    import shutil
+
+    good = load_manifest(tiny_data)
+    shard = good.splits["train"].shards[0]
+    shutil.copy(good.root / shard.path, tmp_path / shard.path)
+    if how != "intact":
+        _damage(tmp_path / shard.path, how)
+    one = replace(
+        good, root=tmp_path, splits={"train": replace(good.splits["train"], shards=[shard])}
+    )
+    stream = ShardStream(
+        one, "train", batch_size=64, image_size=32, context_length=36, train=False, epochs=1
+    )
+    batches = list(make_loader(stream, 0))
+    seen = [i for b in batches for i in b["index"].tolist()]
+    corrupt = sum(int(b["corrupt"]) for b in batches)
+    if how == "intact":
+        assert seen == list(range(shard.first_index, shard.first_index + 50)) and corrupt == 0
+    else:
+        assert seen == list(range(shard.first_index, shard.first_index + 10)) and corrupt >= 1
 
 
 def test_missing_shard_and_bad_checksum_are_refused(tiny_data, tmp_path):

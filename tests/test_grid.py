@@ -195,7 +195,10 @@ def test_a_sweep_started_elsewhere_and_then_moved_still_reports_every_cell(tmp_p
     path = write_grid(tmp_path, "{'METHOD': ['clip', 'superclass']}", "TRAIN_SAMPLES = 64")
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     argv = [sys.executable, "-m", "harness.run", str(path), "--out", "mine"]
     started = subprocess.run(
         [*argv, "--gin_param", f"DATA='{tiny_data}'"],
