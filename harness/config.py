@@ -192,13 +192,20 @@ def operative_config() -> str:
     return gin.operative_config_str()
 
 
+# How a sweep is laid out and launched (its axes, launcher, report): no single run's result
+# depends on it, so adding a seed or a batch size to a grid keeps the cells already run. World
+# size, the one launch choice that can change a result, is hashed by the callers.
+SWEEP_LAYOUT = frozenset({"Grid"})
+
+
 def config_hash(*extra: Any, ignore: frozenset[str] = frozenset()) -> str:
     """Hash of the complete parsed config plus anything else that changes the result.
 
     ``ignore`` names configurables whose bindings are left out (e.g. the hyperparameters of
-    methods other than the one a run trains, which cannot change its result).
+    methods other than the one a run trains, which cannot change its result); the sweep layout
+    is always left out.
     """
-    lines = [line for line in full_config().splitlines() if _configurable_of(line) not in ignore]
+    lines = _bindings(full_config(), ignore=ignore)
     payload = "\n".join(lines) + "".join(json.dumps(x, sort_keys=True, default=str) for x in extra)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
@@ -206,25 +213,37 @@ def config_hash(*extra: Any, ignore: frozenset[str] = frozenset()) -> str:
 def differing_bindings(
     saved: str, *, ignore: frozenset[str] = frozenset(), ignore_params: frozenset[str] = frozenset()
 ) -> list[str]:
-    """The lines where the parsed config and ``saved`` (an earlier ``full_config()``) differ, as
-    '- old' and '+ new'. Left out: the bindings of the ``ignore`` configurables (as in
-    ``config_hash``) and of ``ignore_params`` such as 'superclass.init_from', which hold the
-    directories of earlier stages (their own configs are checked where they run, and a sweep may
-    have moved since)."""
+    """The bindings where the parsed config and ``saved`` (an earlier ``full_config()``) differ,
+    as '- old' and '+ new'. Left out: the bindings of the ``ignore`` configurables and the sweep
+    layout (as in ``config_hash``) and of ``ignore_params`` such as 'superclass.init_from', which
+    hold the directories of earlier stages (their own configs are checked where they run, and a
+    sweep may have moved since)."""
 
     def kept(text: str) -> list[str]:
         return [
-            line
-            for line in text.splitlines()
-            if line.strip()
-            and not line.startswith("#")
-            and _configurable_of(line) not in ignore
-            and not any(line.split("=", 1)[0].strip().endswith(p) for p in ignore_params)
+            binding
+            for binding in _bindings(text, ignore=ignore)
+            if not any(binding.split("=", 1)[0].strip().endswith(p) for p in ignore_params)
         ]
 
     old, new = kept(saved), kept(full_config())
     old_set, new_set = set(old), set(new)
     return [f"- {x}" for x in old if x not in new_set] + [f"+ {x}" for x in new if x not in old_set]
+
+
+def _bindings(text: str, *, ignore: frozenset[str]) -> list[str]:
+    """gin's config text as one string per binding (a long value goes on over indented lines),
+    without comments, blank lines, the sweep layout and the ``ignore`` configurables."""
+    bindings: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if line[0].isspace() and bindings:
+            bindings[-1] += "\n" + line
+        else:
+            bindings.append(line)
+    left_out = ignore | SWEEP_LAYOUT
+    return [b for b in bindings if _configurable_of(b) not in left_out]
 
 
 def _configurable_of(line: str) -> str | None:

@@ -135,7 +135,7 @@ def plan_cells(config_files: list[Path], bindings: list[str], grid: Grid) -> lis
             method.stages(RunInfo(spec.train.batch_size, spec.train.train_samples, spec.run.model))
         except (ConfigError, ValueError) as e:
             raise ConfigError(f"grid cell ({label}): {e}") from None
-        digest = config.config_hash(model_cfg)
+        digest = config.config_hash(model_cfg, {"world_size": grid.world_size})
         name = "__".join(f"{_short(k)}={_value_text(v)}" for k, v in values.items()) + f"__{digest}"
         cells.append(Cell(values=values, bindings=cell_bindings, name=name, config_hash=digest))
     return cells

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import config, models
+from harness import config, distributed, models
 from harness.manifest import write_json_atomic
 from harness.train import run_one
 from methods import RunInfo, Stage, build_method, other_methods
@@ -94,7 +94,8 @@ def shared_stage_hash() -> str:
     the hyperparameters of the method that *consumes* it must not force a retrain.
     """
     trained = config.resolve().run.method
-    return config.config_hash(ignore=other_methods(trained))
+    world = {"world_size": distributed.env_world_size()}  # the grid's layout is not hashed
+    return config.config_hash(world, ignore=other_methods(trained))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,5 @@
 """Every gin file parses; every user mistake gets one clear error before compute."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -127,4 +125,21 @@ def test_config_hash_changes_with_bindings():
     a = config.config_hash()
     config.parse([REPO / "configs/smoke.gin"], ["SEED=2"])
     assert a != config.config_hash()
-    assert Path(REPO / "configs/base.gin").exists()
+
+
+def test_the_sweep_layout_is_neither_hashed_nor_compared_even_over_several_lines():
+    smoke = [REPO / "configs/smoke.gin"]
+    small = "Grid.axes = {'SEED': [0]}"
+    large = (
+        "Grid.axes = {'METHOD': ['clip', 'superclip', 'superclass', 'neuclip', 'siclip'], "
+        "'BATCH_SIZE': [32, 64, 128, 256, 512], 'SEED': [0, 1, 2]}"
+    )
+    config.parse(smoke, [small])
+    saved, a = config.full_config(), config.config_hash()
+    config.parse(smoke, [large, "Grid.report = False"])
+    assert "\n    " in config.full_config()  # gin writes this axes dict over several lines
+    assert config.config_hash() == a
+    assert config.differing_bindings(saved) == []
+    config.parse(smoke, [large, "SEED = 5"])
+    assert config.config_hash() != a
+    assert config.differing_bindings(saved) == ["- SEED = 0", "+ SEED = 5"]

@@ -76,6 +76,16 @@ def test_every_cell_is_validated_before_any_runs(tmp_path, tiny_data, axes, grid
         planned(tmp_path, tiny_data, axes, **grid_kwargs)
 
 
+def test_adding_seeds_or_batches_keeps_the_cells_already_planned(tmp_path, tiny_data):
+    (first,) = planned(tmp_path, tiny_data, "{'BATCH_SIZE': [32], 'SEED': [0]}")
+    more = planned(tmp_path, tiny_data, "{'BATCH_SIZE': [32, 64], 'SEED': [0, 1]}")
+    assert first.name in [c.name for c in more] and len({c.name for c in more}) == 4
+    cpu = "RunConfig.device = 'cpu'"
+    (one,) = planned(tmp_path, tiny_data, "{'SEED': [0]}", cpu)
+    (two,) = planned(tmp_path, tiny_data, "{'SEED': [0]}", cpu, nproc_per_node=2)
+    assert one.name != two.name  # the world size can change a result: it is hashed
+
+
 def test_more_local_processes_than_gpus_is_refused_before_any_run(tmp_path, tiny_data, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
