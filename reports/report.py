@@ -166,10 +166,7 @@ def gap_slope(sweep: Sweep, groups, method: str, metric: str) -> stats.GapSlope 
                     xs.append(b)
                     ms.append(c.final.metrics[metric])
                     bs.append(base[c.seed].final.metrics[metric])
-        s = stats.gap_slope_seeds(xs, ms, bs)
-        if s is None or math.isnan(s.low):
-            return None
-        return stats.GapSlope(s.slope, s.low, s.high, float("nan"), "t across seeds")
+        return stats.gap_slope_seeds(xs, ms, bs)
     pairs = {}
     for b in sweep.batches:
         mine = [c for c in groups.get((method, b), []) if c.finished and c.per_query]

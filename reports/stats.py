@@ -199,9 +199,15 @@ def batch_slope(batches: Sequence[int], values: Sequence[float]) -> Slope | None
 
 def gap_slope_seeds(
     batches: Sequence[int], method: Sequence[float], baseline: Sequence[float]
-) -> Slope | None:
-    """Slope of (method - baseline) against log2(batch) over paired runs (several seeds)."""
-    return batch_slope(batches, np.subtract(method, baseline))
+) -> GapSlope | None:
+    """Slope of (method - baseline) against log2(batch) over paired runs (several seeds), its
+    95% t interval and the regression's two-sided p-value for a slope of 0 (None below 3 runs)."""
+    gaps = np.subtract(method, baseline)
+    fit = batch_slope(batches, gaps)
+    if fit is None or math.isnan(fit.low):
+        return None
+    p = stats.linregress(np.log2(np.asarray(batches, float)), gaps).pvalue
+    return GapSlope(fit.slope, fit.low, fit.high, float(p), "t across seeds")
 
 
 @dataclass(frozen=True)

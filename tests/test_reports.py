@@ -207,6 +207,7 @@ def test_gap_slope_across_seeds_matches_linregress(seeded_sweep):
     assert gap["slope"] == pytest.approx(fit.slope) and gap["how"] == "t across seeds"
     half = sps.t.ppf(0.975, 4) * fit.stderr
     assert (gap["low"], gap["high"]) == pytest.approx((fit.slope - half, fit.slope + half))
+    assert gap["p_value"] == pytest.approx(fit.pvalue)
 
 
 def test_gap_slope_with_one_seed_sees_a_shrinking_advantage(tmp_path):
