@@ -38,10 +38,33 @@ def test_readme_results_table_is_the_committed_reports_numbers():
 
     report = json.loads((REPO / "reports/examples/batch_sweep/report.json").read_text())
     by_method = report["metrics"]["mean_r1"]
-    section = README[README.index("## Results on this machine") : README.index("## The sweep")]
+    section = README[
+        README.index("## Results on this machine") : README.index("### Training noise")
+    ]
     rows = re.findall(r"^\| (\w+)[^|]* \| ([\d. |]+)\|$", section, re.M)
     assert {name for name, _ in rows} == set(by_method)
     for name, cells in rows:
         values = [float(v) for v in cells.split("|")]
         batches = sorted(by_method[name]["by_batch"], key=int)
         assert values == [round(by_method[name]["by_batch"][b]["mean"], 1) for b in batches]
+
+
+def test_readme_seed_table_is_the_committed_seed_sweep():
+    # mean ± CI half-width across 3 seeds at batch 32 and 512, and the paired difference to clip
+    import json
+
+    report = json.loads((REPO / "reports/examples/seed_sweep/report.json").read_text())
+    cells, diffs = report["metrics"]["mean_r1"], report["comparisons"]["mean_r1"]
+    section = README[README.index("### Training noise") : README.index("## The sweep")]
+    rows = re.findall(r"^\| (\w+)[^|]* \| ([^\n]+) \|$", section, re.M)[1:]  # not the header
+    assert {name for name, _ in rows} == set(cells)
+    for name, text in rows:
+        shown = [float(v) for v in re.findall(r"[-+]?\d+\.\d", text)]
+        expected = []
+        for b in ("32", "512"):
+            c = cells[name]["by_batch"][b]
+            expected += [round(c["mean"], 1), round((c["high"] - c["low"]) / 2, 1)]
+        for b in ("32", "512"):
+            if name != "clip":
+                expected.append(round(diffs[name][b]["diff"], 1))
+        assert shown[: len(expected)] == expected, name
