@@ -47,10 +47,11 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and local_rank >= torch.cuda.device_count():
+    visible = torch.cuda.device_count() if use_cuda else 0
+    if use_cuda and local_rank >= visible:
         raise ConfigError(
-            f"LOCAL_RANK={local_rank} needs GPU {local_rank}; visible GPUs: {torch.cuda.device_count()}. "
-            f"Start at most that many processes per node, or set RunConfig.device='cpu'"
+            f"LOCAL_RANK={local_rank} needs GPU {local_rank}; visible GPUs: {visible}. Start at "
+            f"most that many processes per node, or set RunConfig.device='cpu'"
         )
     if use_cuda:
         torch.cuda.set_device(local_rank)
