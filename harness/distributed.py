@@ -41,12 +41,17 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether a run configured with ``RunConfig.device`` (auto, cpu or cuda) trains on GPUs."""
+    return torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+
+
 def init(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group torchrun describes in the environment (or stay single-process)."""
     world = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    use_cuda = uses_cuda(device)
     visible = torch.cuda.device_count() if use_cuda else 0
     if use_cuda and local_rank >= visible:
         raise ConfigError(

@@ -32,7 +32,7 @@ from typing import Any
 import gin
 import torch
 
-from harness import config, models, rundir
+from harness import config, distributed, models, rundir
 from harness.config import ConfigError
 from harness.manifest import write_json_atomic
 
@@ -153,10 +153,10 @@ def _check_devices(spec, grid: Grid) -> None:
     """Each local rank takes its own GPU (NCCL refuses two ranks on one): enough must be visible."""
     if grid.launcher != "local" or grid.nproc_per_node == 1:
         return
-    device = spec.run.device
-    uses_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    visible = torch.cuda.device_count() if uses_cuda else 0
-    if uses_cuda and visible < grid.nproc_per_node:
+    if not distributed.uses_cuda(spec.run.device):
+        return
+    visible = torch.cuda.device_count()
+    if visible < grid.nproc_per_node:
         raise ConfigError(
             f"Grid.nproc_per_node={grid.nproc_per_node} needs one GPU per process and "
             f"{visible} {'is' if visible == 1 else 'are'} visible; lower it or set "
