@@ -35,6 +35,7 @@ from typing import Any
 import gin
 import numpy as np
 import open_clip
+import pyspng
 import torch
 import webdataset as wds
 from PIL import Image
@@ -140,9 +141,29 @@ def to_pixels(image: Image.Image, size: int, box: tuple[int, int, int, int]) -> 
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
+def _decode_rgb8_png(data: bytes) -> Image.Image | None:
+    """An 8-bit RGB PNG decoded by libspng (pyspng), or None for anything else.
+
+    PNG is lossless, so both decoders give the same pixels; libspng skips Pillow's Python-level
+    chunk handling: 25 instead of 42 us per 48x48 image on a 2-core CPU. Other PNG kinds, other
+    formats and whatever libspng refuses go to Pillow as before.
+    """
+    if data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":  # bit depth 8, colour type RGB
+        return None
+    try:
+        pixels = pyspng.load(data)
+    except RuntimeError:
+        return None
+    height, width, _ = pixels.shape
+    return Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
+
+
 def decode_image(sample: dict[str, Any]) -> Image.Image:
     for key in IMAGE_KEYS:
         if key in sample:
+            fast = _decode_rgb8_png(sample[key])
+            if fast is not None:
+                return fast
             img = Image.open(io.BytesIO(sample[key]))
             img.load()
             return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy
@@ -150,20 +171,32 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
 
 
 class Tokenizer(open_clip.tokenizer.SimpleTokenizer):
-    """open_clip's CLIP BPE tokenizer with each word's ids cached: the same ids, fewer cycles.
+    """open_clip's CLIP BPE tokenizer, giving the same ids in about half the time.
 
-    ``encode`` is open_clip's, except that the ids of a word (byte-level mapping, BPE merges,
-    vocabulary lookup: a pure function of the word) are computed once per word instead of once
-    per occurrence. Text cleaning still runs on every caption.
+    Three shortcuts, each exact (a test compares with open_clip on random text):
+    - the ids of a word (byte-level mapping, BPE merges, vocabulary lookup: a pure function of
+      the word) are computed once per word instead of once per occurrence;
+    - printable ASCII text without ``&`` skips ftfy and HTML unescaping, which leave such text
+      unchanged (ftfy mends mojibake, control characters and Unicode forms; unescaping needs
+      ``&``), and goes straight to whitespace folding and lower-casing;
+    - the batch is filled through numpy instead of one small tensor per caption.
+    Together: 10 instead of 35 us per built-in caption (2-core CPU).
     """
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
+        if self.reduction_fn is not None or self.clean_fn is not open_clip.tokenizer._clean_lower:
+            raise ValueError("Tokenizer supports open_clip's default clean='lower', no reduction")
         self._word_ids: dict[str, list[int]] = {}
+
+    def _clean(self, text: str) -> str:
+        if text.isascii() and text.isprintable() and "&" not in text:
+            return " ".join(text.split()).lower()
+        return self.clean_fn(text)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
-        for word in self.pat.findall(self.clean_fn(text)):
+        for word in self.pat.findall(self._clean(text)):
             cached = self._word_ids.get(word)
             if cached is None:
                 mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
@@ -171,6 +204,72 @@ class Tokenizer(open_clip.tokenizer.SimpleTokenizer):
                 self._word_ids[word] = cached
             ids.extend(cached)
         return ids
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        """Ids padded with zeros to ``context_length``; a longer text is cut and ends in EOT."""
+        texts = [texts] if isinstance(texts, str) else texts
+        length = context_length or self.context_length
+        out = np.zeros((len(texts), length), dtype=np.int64)
+        for row, text in zip(out, texts, strict=True):
+            ids = [self.sot_token_id, *self.encode(text)][: length - 1]
+            ids.append(self.eot_token_id)
+            row[: len(ids)] = ids
+        return torch.from_numpy(out)
+
+
+class PlainUstarMembers:
+    """(name, data offset, size) of the leading plain members of a tar archive in ``data``.
+
+    Python's tarfile parses every header field in Python: 37 us per sample (two members) on the
+    built-in shards on a 2-core CPU, against 8 us here, where only name, size, type and checksum
+    are read. Only the simplest case is handled: a POSIX or GNU ustar header of a regular file
+    with an octal size and a valid unsigned checksum. Iteration stops at the first header that
+    is anything else, leaving ``offset`` at it for tarfile to carry on from, or with ``at_end``
+    set at the zero block that ends an archive.
+    """
+
+    def __init__(self, data: mmap.mmap | bytes) -> None:
+        self.data, self.offset, self.at_end = data, 0, False
+
+    def __iter__(self) -> Iterator[tuple[str, int, int]]:
+        block = tarfile.BLOCKSIZE
+        while True:
+            header = self.data[self.offset : self.offset + block]
+            if len(header) < block:
+                return
+            if header.count(0) == block:
+                self.at_end = True
+                return
+            member = _plain_header(header)
+            if member is None:
+                return
+            name, size = member
+            yield name, self.offset + block, size
+            self.offset += block + -(-size // block) * block
+
+
+_POSIX_MAGIC, _GNU_MAGIC = b"ustar\x0000", b"ustar  \x00"
+
+
+def _plain_header(header: bytes) -> tuple[str, int] | None:
+    """Name and size of a plain regular-file ustar header, or None for anything else."""
+    magic = header[257:265]
+    if header[156:157] not in (b"0", b"\0") or magic not in (_POSIX_MAGIC, _GNU_MAGIC):
+        return None
+    try:
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:  # base-256 numbers, garbage
+        return None
+    if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # its own field as spaces
+        return None
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if magic == _POSIX_MAGIC else b""
+    if prefix:
+        name = prefix + b"/" + name
+    if not name or name.endswith(b"/"):  # an old-style directory
+        return None
+    return name.decode("utf-8", "surrogateescape"), size
 
 
 # ---------------------------------------------------------------- the stream
@@ -258,10 +357,10 @@ class ShardStream(IterableDataset):
     def _tar_members(self, url: str) -> Iterator[dict[str, Any]]:
         """The regular files of one shard, in order, as webdataset's ``group_by_keys`` takes them.
 
-        The shard is read with tarfile's random-access mode and each member's bytes are sliced
-        from a memory map: webdataset's own reader uses the streaming mode, which took 51-54 us
-        per sample on the built-in shards against 39-40 us this way (2-core CPU), about a
-        sixteenth of the loader's whole time per sample.
+        Each member's bytes are sliced from a memory map. Plain ustar members (what webdataset's
+        ``TarWriter`` and Python's tarfile write for short names) have their headers read by
+        ``PlainUstarMembers``; from the first header that is anything else (pax or GNU
+        extensions, a directory, damage) tarfile's random-access reader takes over.
         A truncated or garbled shard ends there and counts once in ``broken``; the samples
         before the damage are kept.
         """
@@ -269,18 +368,25 @@ class ShardStream(IterableDataset):
             with (
                 open(url, "rb") as file,
                 mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
-                tarfile.open(fileobj=file, mode="r:") as tar,
             ):
-                for member in tar:
-                    if not member.isreg() or WDS_META.match(member.name):
-                        continue
-                    end = member.offset_data + member.size  # a cut member: short, undecodable
-                    yield {"fname": member.name, "data": data[member.offset_data : end],
-                           "__url__": url}  # fmt: skip
-                # tarfile stops quietly at a cut or garbled header; a whole archive ends in zeros
-                end_block = data[tar.offset : tar.offset + tarfile.BLOCKSIZE]
-                if len(end_block) < tarfile.BLOCKSIZE or any(end_block):
-                    raise tarfile.ReadError(f"{url} is cut or garbled at byte {tar.offset}")
+                plain = PlainUstarMembers(data)
+                for name, start, size in plain:
+                    if not WDS_META.match(name):
+                        yield {"fname": name, "data": data[start : start + size], "__url__": url}
+                if plain.at_end:
+                    return
+                file.seek(plain.offset)  # tarfile counts offsets from where the file stands
+                with tarfile.open(fileobj=file, mode="r:") as tar:
+                    for member in tar:
+                        if not member.isreg() or WDS_META.match(member.name):
+                            continue
+                        end = member.offset_data + member.size  # a cut member: undecodable
+                        yield {"fname": member.name, "data": data[member.offset_data : end],
+                               "__url__": url}  # fmt: skip
+                    # tarfile stops quietly at a cut or garbled header; an archive ends in zeros
+                    end_block = data[tar.offset : tar.offset + tarfile.BLOCKSIZE]
+                    if len(end_block) < tarfile.BLOCKSIZE or any(end_block):
+                        raise tarfile.ReadError(f"{url} is cut or garbled at byte {tar.offset}")
         except (tarfile.TarError, EOFError, OSError, ValueError):  # ValueError: an empty file
             self.broken += 1
 

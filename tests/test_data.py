@@ -1,5 +1,6 @@
 """The data pipeline: exactly once per epoch across ranks x workers, deterministic resume."""
 
+import io
 from collections import Counter
 from dataclasses import replace
 
@@ -188,10 +189,24 @@ def test_cached_tokenizer_gives_open_clips_ids():
     rng = random.Random(0)
     texts = [caption(random_scene(rng, 3), rng) for _ in range(300)]
     texts += ["Héllo wörld!! 123 &amp; <b>x</b>", "word " * 60, "", "it's 😀 日本語", "A  B\tc"]
+    texts += [
+        "â€œmojibakeâ€\x9d",
+        "ｆｕｌｌ ｗｉｄｔｈ",
+        "ﬁne",
+        "a\x1b[31mred",
+        "x\r\ny",
+        " Caps  ",
+    ]
+    # random text: printable ASCII (the fast path) mixed with what ftfy and unescaping change
+    pieces = [*"abcXYZ019 .,'!?-_<>/\\\"", "&", "&amp;", "&lt;", "&#39;", "\t", "\n", "\x00"]
+    pieces += ["\x7f", "\x85", "é", "Ã©", "“", "ﬀ", "\u200b", "\xa0", "  ", "'s", "'LL"]
+    texts += ["".join(rng.choices(pieces, k=rng.randint(0, 40))) for _ in range(2000)]
     reference = open_clip.tokenizer.SimpleTokenizer(context_length=36)
     ours = Tokenizer(context_length=36)
     assert torch.equal(ours(texts), reference(texts))
     assert torch.equal(ours(texts[::-1]), reference(texts[::-1]))  # again, from the word cache
+    assert torch.equal(ours("One text", context_length=5), reference("One text", context_length=5))
+    assert sum(t.isascii() and t.isprintable() and "&" not in t for t in texts) > 300  # fast path
 
 
 class _Niceness(torch.utils.data.IterableDataset):
@@ -211,3 +226,102 @@ def test_loader_workers_run_at_the_configured_nice_value():
     assert next(iter(make_loader(_Niceness(), 1))) == parent
     with pytest.raises(ValueError, match="worker_nice"):
         DataConfig(worker_nice=20)
+
+
+def _tar_with_every_kind_of_header(path, fmt) -> None:
+    """Plain members, then a pax long name, a directory, a symlink, a non-ASCII name, plain."""
+    import tarfile
+
+    def add(tar, name, data=b"", kind=tarfile.REGTYPE):
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.mtime = kind, len(data), 0
+        if kind == tarfile.SYMTYPE:
+            info.linkname = "0000.txt"
+        tar.addfile(info, io.BytesIO(data) if data else None)
+
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i in range(3):
+            add(tar, f"{i:04d}.txt", f"caption {i}".encode())
+        add(tar, "prefix/" * 20 + "p.txt", b"a name split over ustar's prefix field")
+        if fmt != tarfile.USTAR_FORMAT:  # plain ustar holds neither of these two
+            add(tar, "d/" + "x" * 120 + ".txt", b"long name")
+            add(tar, "é.txt", b"non-ascii name")
+        add(tar, "somedir", kind=tarfile.DIRTYPE)
+        add(tar, "link.txt", kind=tarfile.SYMTYPE)
+        add(tar, "__meta__", b"webdataset metadata")
+        add(tar, "0005.txt", b"")
+        add(tar, "0006.txt", b"x" * 513)
+
+
+@pytest.mark.parametrize("fmt", ["PAX_FORMAT", "GNU_FORMAT", "USTAR_FORMAT"])
+def test_shard_members_are_tarfiles_regular_files_whatever_the_headers(tmp_path, fmt):
+    import tarfile
+    import types
+
+    from harness.data import PlainUstarMembers
+
+    path = tmp_path / "s.tar"
+    _tar_with_every_kind_of_header(path, getattr(tarfile, fmt))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    expected = [(n, d) for n, d in expected if n != "__meta__"]
+    reader = types.SimpleNamespace(broken=0)
+    got = [(m["fname"], m["data"]) for m in ShardStream._tar_members(reader, str(path))]
+    assert got == expected and reader.broken == 0
+    assert len(expected) == (6 if fmt == "USTAR_FORMAT" else 8)  # every regular file came through
+    if fmt == "USTAR_FORMAT":  # the prefixed name was read without tarfile
+        assert [n for n, _, _ in PlainUstarMembers(path.read_bytes())][-1] == expected[3][0]
+
+
+def test_plain_ustar_reader_hands_over_at_the_first_header_it_does_not_handle(tmp_path):
+    import tarfile
+
+    from harness.data import PlainUstarMembers
+
+    path = tmp_path / "s.tar"
+    _tar_with_every_kind_of_header(path, tarfile.PAX_FORMAT)
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    data = path.read_bytes()
+    plain = PlainUstarMembers(data)
+    assert [(n, data[s : s + z]) for n, s, z in plain] == [
+        (f"{i:04d}.txt", f"caption {i}".encode()) for i in range(3)
+    ]
+    assert plain.offset == members[3].offset and not plain.at_end  # the pax header
+    garbled = bytearray(data)
+    garbled[members[1].offset + 148 : members[1].offset + 156] = b"0000000\0"  # wrong checksum
+    stops = PlainUstarMembers(bytes(garbled))
+    assert len(list(stops)) == 1 and stops.offset == members[1].offset
+    only_plain = PlainUstarMembers(data[: members[3].offset] + bytes(1024))
+    assert len(list(only_plain)) == 3 and only_plain.at_end
+
+
+def test_images_decode_to_pillows_rgb_pixels_whatever_the_png_kind(monkeypatch):
+    import numpy as np
+    import pyspng
+    from PIL import Image
+
+    from harness.data import decode_image
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    kinds = {
+        "RGB": rgb, "P": rgb.convert("P"), "L": rgb.convert("L"), "LA": rgb.convert("LA"),
+        "RGBA": rgb.convert("RGBA"), "1": rgb.convert("1"), "I;16": rgb.convert("I;16"),
+    }  # fmt: skip
+    fast_calls = []
+    real_load = pyspng.load
+    monkeypatch.setattr(pyspng, "load", lambda data: fast_calls.append(1) or real_load(data))
+    for mode, image in kinds.items():
+        for fmt in ("PNG", "JPEG") if mode == "RGB" else ("PNG",):
+            buffer = io.BytesIO()
+            image.save(buffer, format=fmt)
+            data = buffer.getvalue()
+            expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            decoded = decode_image({"png": data})
+            assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), expected), mode
+    assert len(fast_calls) == 1  # only the 8-bit RGB PNG took libspng's path
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG")
+    broken = buffer.getvalue()[:-40]  # cut inside the image data: no decoder makes pixels
+    with pytest.raises(OSError, match="truncated"):  # Pillow's error: libspng's was caught
+        decode_image({"png": broken})
