@@ -158,3 +158,31 @@ def test_classifier_updates_idf_before_weighting():
     targets = dense(out["cls_rows"], out["cls_ids"], out["cls_targets"], 2)
     l125, l2 = math.log(1.25), math.log(2.0)
     assert targets[0, 736].item() == pytest.approx(l2 / (l125 + l2), abs=1e-12)
+
+
+def _composed_soft_cross_entropy(logits, rows, ids, targets):
+    """The loss written with autograd's ops only: the gradient reference."""
+    z, t = logits.float(), targets.float()
+    mass = torch.zeros(z.shape[0]).index_add(0, rows, t)
+    dot = torch.zeros(z.shape[0]).index_add(0, rows, t * z[rows, ids])
+    return (mass * torch.logsumexp(z, dim=1) - dot).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hand_written_backward_is_autograds_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(2)
+    text = torch.randint(1, 2000, (64, 20), generator=gen)
+    text[:, 0], text[:, -1], text[3] = SOT, EOT, PAD  # row 3: padding only
+    rows, ids = unique_tokens(text)
+    idf = OnlineIDF()
+    idf.update(rows, ids, batch=64)
+    targets = soft_targets(rows, ids, idf.weights(64), 64)
+    logits = (3 * torch.randn(64, VOCAB_SIZE, generator=gen)).to(dtype).requires_grad_()
+    results = []
+    for loss_fn in (soft_cross_entropy, _composed_soft_cross_entropy):
+        loss = 0.7 * loss_fn(logits, rows, ids, targets)  # an outer factor, as cls_weight is
+        (grad,) = torch.autograd.grad(loss, logits)
+        results.append((loss, grad))
+    (ours, ours_grad), (composed, composed_grad) = results
+    assert torch.equal(ours, composed) and ours_grad.dtype == dtype
+    assert torch.equal(ours_grad, composed_grad)
