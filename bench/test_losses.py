@@ -5,7 +5,9 @@
 The method's forward runs once on a real-caption batch of the default tiny model, outside the
 timing; ``test_loss`` times ``Method.loss`` on those outputs, ``test_loss_backward`` the loss and
 its backward into the outputs (what the loss adds to a step besides the encoders). Methods with
-state (IDF, prototypes) update it on every call, as in training.
+state (IDF, prototypes) update it on every call, as in training. ``test_token_head_linear``
+times the Linear(width -> 49,408) of superclass's and superclip's head, forward and backward:
+three matrix products that no exact formulation of their loss avoids.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import methods
 from harness import models
 from harness.data import prepare_batch
 from harness.trainer import total_loss
+from methods.token_classification import TokenClassifier
 from tests.dist_utils import build, make_batch
 
 MODEL = "tiny-vit"
@@ -65,3 +68,14 @@ def test_loss_backward(benchmark, name, batch, model_cfg, workdir):
     benchmark.group = f"loss+backward b{batch}"
     benchmark(lambda: total_loss(method.loss(outputs)).backward())
     assert any(torch.is_tensor(v) and v.grad is not None for v in outputs.values())
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_token_head_linear(benchmark, batch, model_cfg):
+    width = model_cfg["vision_cfg"]["width"]
+    linear = TokenClassifier(width).linear
+    pooled = torch.randn(batch, width, requires_grad=True)
+    grad = torch.randn(batch, linear.out_features)
+    benchmark.group = f"token head linear b{batch}"
+    benchmark(lambda: linear(pooled).backward(grad))
+    assert pooled.grad is not None and linear.weight.grad.shape == linear.weight.shape
