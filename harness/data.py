@@ -272,6 +272,24 @@ def _plain_header(header: bytes) -> tuple[str, int] | None:
     return name.decode("utf-8", "surrogateescape"), size
 
 
+def _member_spans(file: Any, data: mmap.mmap, url: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of every regular file of the tar archive open as ``file`` and
+    mapped as ``data``: plain ustar members first, then tarfile from the first other header."""
+    plain = PlainUstarMembers(data)
+    yield from plain
+    if plain.at_end:
+        return
+    file.seek(plain.offset)  # tarfile counts offsets from where the file stands
+    with tarfile.open(fileobj=file, mode="r:") as tar:
+        for member in tar:
+            if member.isreg():
+                yield member.name, member.offset_data, member.size
+        # tarfile stops quietly at a cut or garbled header; a whole archive ends in zeros
+        end_block = data[tar.offset : tar.offset + tarfile.BLOCKSIZE]
+        if len(end_block) < tarfile.BLOCKSIZE or any(end_block):
+            raise tarfile.ReadError(f"{url} is cut or garbled at byte {tar.offset}")
+
+
 # ---------------------------------------------------------------- the stream
 
 
@@ -369,24 +387,9 @@ class ShardStream(IterableDataset):
                 open(url, "rb") as file,
                 mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
             ):
-                plain = PlainUstarMembers(data)
-                for name, start, size in plain:
-                    if not WDS_META.match(name):
+                for name, start, size in _member_spans(file, data, url):
+                    if not WDS_META.match(name):  # a cut member comes out short: undecodable
                         yield {"fname": name, "data": data[start : start + size], "__url__": url}
-                if plain.at_end:
-                    return
-                file.seek(plain.offset)  # tarfile counts offsets from where the file stands
-                with tarfile.open(fileobj=file, mode="r:") as tar:
-                    for member in tar:
-                        if not member.isreg() or WDS_META.match(member.name):
-                            continue
-                        end = member.offset_data + member.size  # a cut member: undecodable
-                        yield {"fname": member.name, "data": data[member.offset_data : end],
-                               "__url__": url}  # fmt: skip
-                    # tarfile stops quietly at a cut or garbled header; an archive ends in zeros
-                    end_block = data[tar.offset : tar.offset + tarfile.BLOCKSIZE]
-                    if len(end_block) < tarfile.BLOCKSIZE or any(end_block):
-                        raise tarfile.ReadError(f"{url} is cut or garbled at byte {tar.offset}")
         except (tarfile.TarError, EOFError, OSError, ValueError):  # ValueError: an empty file
             self.broken += 1
 
