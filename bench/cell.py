@@ -54,17 +54,20 @@ def cell_bindings(
     workdir: Path,
     data: str | None = None,
     extra: list[str] = (),
+    variant: str | None = None,
 ) -> list[str]:
     """Every gin binding of a cell: macros, the bench's budget, and what the method needs to run
-    on its own (``Method.example_bindings``, e.g. siclip's teacher)."""
+    on its own (``Method.example_bindings``, e.g. siclip's teacher; ``variant``: one of the
+    method's ``example_variants``, default its first)."""
     model_cfg = models.model_config(model)
+    cls = method_class(method)
     bindings = [
         f"METHOD = '{method}'",
         f"BATCH_SIZE = {batch_size}",
         f"MODEL = '{model}'",
         f"TrainConfig.train_steps = {steps}",
         *BENCH_BINDINGS,
-        *method_class(method).example_bindings(Path(workdir), model_cfg),
+        *cls.example_bindings(Path(workdir), model_cfg, variant or cls.example_variants[0]),
     ]
     if data is not None:
         bindings.append(f"DATA = '{data}'")

@@ -480,8 +480,13 @@ class ShardStream(IterableDataset):
             yield self._collate(items, corrupt + self.broken)
 
 
-_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1) * 255
-_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel mean and std (0-255 scale) on ``device``, copied there once: a copy per step
+    would make the host wait for the GPU."""
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255
+    return mean.to(device), std.to(device)
 
 
 def prepare_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -489,8 +494,8 @@ def prepare_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]
     out = {
         k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
     }
-    image = out["image"].float()
-    out["image"] = (image - _MEAN.to(device)) / _STD.to(device)
+    mean, std = _normalisation(device)
+    out["image"] = (out["image"].float() - mean) / std
     return out
 
 

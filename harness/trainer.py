@@ -328,9 +328,7 @@ class Trainer:
                 loss = total_loss(terms).detach()
                 # device-side NaN watch: no host sync per step; checked when we log anyway
                 bad = ~torch.isfinite(loss) & (bad_step < 0)
-                bad_step = torch.where(
-                    bad, torch.tensor(self.state.step, device=bad.device), bad_step
-                )
+                bad_step = torch.where(bad, self.state.step, bad_step)  # a number: no copy
                 meter.add(terms, loss, int(batch["corrupt"]))
                 self.state.step += 1
                 timing.add(t_data - t0, time.perf_counter() - t0)

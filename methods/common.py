@@ -20,6 +20,16 @@ def cross_logits(
     return logit_scale * image @ all_text.T, logit_scale * text @ all_image.T
 
 
+def own_pairs(n: int, total: int, offset: int, device: torch.device) -> torch.Tensor:
+    """n x total bool mask of each local row's own pair, column ``offset + row``.
+
+    Built by comparison, not by assigning True at indices: that assignment copies the value
+    to the GPU and makes the host wait for it every step.
+    """
+    rows = torch.arange(n, device=device)
+    return torch.arange(total, device=device) == (offset + rows)[:, None]
+
+
 def contrastive_ce(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor) -> torch.Tensor:
     """1/2 [CE(logits_per_image, diag) + CE(logits_per_text, diag)] on local rows.
 

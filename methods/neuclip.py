@@ -67,6 +67,7 @@ from harness import distributed
 from methods import register
 from methods.base import Method, clamp_logit_scale
 from methods.clip import Clip
+from methods.common import own_pairs
 
 EXP_CAP = 80.0  # e^80 ~ 5.5e34 < float32 max (3.4e38): the NPN's overflow guard
 RESTART_SEED = 0x5EED  # restart draws use torch.Generator seeded RESTART_SEED + step
@@ -100,8 +101,7 @@ def log_normalisers(
     if total < 2:
         raise ValueError(f"neuclip needs a global batch of at least 2 pairs, got {total}")
     positive = (image * text).sum(-1, keepdim=True)
-    own = torch.zeros(n, total, dtype=torch.bool, device=image.device)
-    own[torch.arange(n), offset + torch.arange(n)] = True
+    own = own_pairs(n, total, offset, image.device)
 
     def side(similarity: torch.Tensor) -> torch.Tensor:
         z = ((similarity - positive) / tau).masked_fill(own, float("-inf"))

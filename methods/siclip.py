@@ -79,7 +79,7 @@ from harness import checkpoint, distributed, models
 from harness.config import ConfigError
 from methods import register
 from methods.base import MAX_LOGIT_SCALE, Method, RunInfo, Stage
-from methods.common import contrastive_ce, cross_logits
+from methods.common import contrastive_ce, cross_logits, own_pairs
 from methods.student_options import (  # noqa: F401 - SasPBlock is part of siclip's API
     TOWERS,
     SasPBlock,
@@ -135,9 +135,8 @@ def sample_negatives(logits: torch.Tensor, noise: torch.Tensor, *, offset: int) 
     ``noise`` holds the same rows of a global N x N Gumbel(0, 1) draw.
     """
     scores = logits.detach().float() + noise.to(logits.device)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    scores[rows, offset + rows] = float("-inf")  # after the noise: -inf + inf would be NaN
-    return scores.argmax(dim=1)
+    own = own_pairs(*scores.shape, offset, scores.device)
+    return scores.masked_fill_(own, float("-inf")).argmax(dim=1)  # after the noise: -inf + inf
 
 
 def gumbel_noise(
@@ -160,7 +159,7 @@ def pm_loss(
     """CE over the n true pairs (match) and the 2n sampled pairs (no match)."""
     n = image.shape[0]
     logits = head(torch.cat([image, image, negative_image]), torch.cat([text, negative_text, text]))
-    labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(image.device)
+    labels = (torch.arange(3 * n, device=image.device) < n).long()  # made there: no copy
     return F.cross_entropy(logits.float(), labels)
 
 

@@ -6,6 +6,7 @@ mode, run without gradient, and identified by a sha256 of its weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,9 @@ class Teacher:
                 images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
             )
         if (self.mean, self.std) != (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD):
-            ours = _stats(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, images)
-            theirs = _stats(self.mean, self.std, images)
+            like = (images.dtype, images.device)
+            ours = _stats(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, *like)
+            theirs = _stats(self.mean, self.std, *like)
             images = (images * ours[1] + ours[0] - theirs[0]) / theirs[1]
         return images
 
@@ -87,11 +89,16 @@ class Teacher:
         return info
 
 
-def _stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=16)
+def _stats(
+    mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std as tensors on ``device``, made once: a copy to the GPU every
+    step would make the host wait for it."""
     view = (1, 3, 1, 1)
     return (
-        torch.tensor(mean, dtype=like.dtype, device=like.device).view(view),
-        torch.tensor(std, dtype=like.dtype, device=like.device).view(view),
+        torch.tensor(mean, dtype=dtype, device=device).view(view),
+        torch.tensor(std, dtype=dtype, device=device).view(view),
     )
 
 

@@ -8,7 +8,7 @@ Soft target y_hat = (y * w) / max(||y * w||_1, 1e-12); loss = softmax cross-entr
 classes, L = -(1/B) sum_i sum_c y_hat_ic log softmax(z_i)_c, per rank on the local batch.
 
 Nothing here is dense in V except the logits z (B x V), which no formulation avoids: y is kept
-as (row, id) pairs of the unique ids per caption, the IDF update is an ``index_add_``, and the
+as (row, id, value) entries, one per caption position, the IDF update is an ``index_add_``, and the
 loss is logsumexp(z) - sum_c y_hat_c z_c with the sum gathered at those ids.
 """
 
@@ -23,16 +23,20 @@ VOCAB_SIZE = 49408  # CLIP BPE: 49,406 merges and bytes + start-of-text + end-of
 MIN_TARGET_MASS = 1e-12
 
 
-def unique_tokens(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, id) of every distinct id of each caption: the non-zeros of the multi-hot y.
+def multi_hot(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The multi-hot y in sparse form: ``(rows, ids, y)`` with one entry per caption position,
+    y = 1 at the first occurrence of an id in its caption and 0 at its repeats.
 
     Sort-based: after sorting each row, an id is new where it differs from its left neighbour.
+    The repeats are kept as explicit zeros rather than dropped: the entry count is then B x L
+    whatever the captions, and dropping them would make the host wait for the GPU to count
+    the distinct ids every step. Zeros add nothing to any sum below.
     """
     ids, _ = text.sort(dim=1)
     first = torch.ones_like(ids, dtype=torch.bool)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-    return rows[first], ids[first]
+    return rows.reshape(-1), ids.reshape(-1), first.reshape(-1).to(torch.float64)
 
 
 class OnlineIDF(nn.Module):
@@ -44,15 +48,16 @@ class OnlineIDF(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor, ids: torch.Tensor, batch: int) -> None:
-        """Add the global batch's column mean of y to ``df`` and 1 to ``steps``.
+    def update(self, ids: torch.Tensor, y: torch.Tensor, batch: int) -> None:
+        """Add the global batch's column mean of y (from ``multi_hot``) to ``df`` and 1 to
+        ``steps``.
 
         One collective: the local column mean and the counter increment are averaged across
         ranks together (equal per-rank batches, so the average is the global column mean).
         """
         delta = torch.zeros(self.df.numel() + 1, dtype=torch.float64, device=self.df.device)
-        delta.index_add_(0, ids, torch.full_like(ids, 1.0 / batch, dtype=torch.float64))
-        delta[-1] = 1.0
+        delta.index_add_(0, ids, y / batch)
+        delta[-1:].fill_(1.0)  # a slice's fill: assigning a Python number would copy it over
         distributed.all_reduce_mean_(delta)
         self.df += delta[:-1]
         self.steps += delta[-1]
@@ -64,10 +69,10 @@ class OnlineIDF(nn.Module):
 
 
 def soft_targets(
-    rows: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, batch: int
+    rows: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, batch: int
 ) -> torch.Tensor:
-    """y_hat at each (row, id): w_id / max(sum of w over the row's ids, 1e-12) (w >= 0)."""
-    w = weights[ids]
+    """y_hat at each entry: y w_id / max(sum of y w over the row, 1e-12) (w >= 0)."""
+    w = weights[ids] * y
     mass = torch.zeros(batch, dtype=w.dtype, device=w.device).index_add_(0, rows, w)
     return w / mass.clamp_min(MIN_TARGET_MASS)[rows]
 
@@ -131,14 +136,14 @@ class TokenClassifier(nn.Module):
         logits with the sparse soft targets.
         """
         batch = text.shape[0]
-        rows, ids = unique_tokens(text)
-        self.idf.update(rows, ids, batch)
+        rows, ids, y = multi_hot(text)
+        self.idf.update(ids, y, batch)
         weights = self.idf.weights(batch * distributed.world_size())
         return {
             "cls_logits": self.linear(self.norm(pooled)),
             "cls_rows": rows,
             "cls_ids": ids,
-            "cls_targets": soft_targets(rows, ids, weights, batch),
+            "cls_targets": soft_targets(rows, ids, y, weights, batch),
         }
 
     @staticmethod

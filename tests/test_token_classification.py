@@ -9,9 +9,9 @@ from methods.token_classification import (
     VOCAB_SIZE,
     OnlineIDF,
     TokenClassifier,
+    multi_hot,
     soft_cross_entropy,
     soft_targets,
-    unique_tokens,
 )
 
 SOT, EOT, PAD = 49406, 49407, 0
@@ -23,17 +23,18 @@ def caption(*ids: int, length: int = 8) -> list[int]:
 
 def dense(rows, ids, values, batch, vocab=VOCAB_SIZE):
     out = torch.zeros(batch, vocab, dtype=values.dtype)
-    out[rows, ids] = values
-    return out
+    return out.index_put_((rows, ids), values, accumulate=True)  # repeats hold explicit zeros
 
 
-def test_unique_tokens_is_the_deduplicated_multi_hot():
+def test_multi_hot_is_the_deduplicated_multi_hot():
     text = torch.tensor([caption(320, 736, 320), caption(320, 320, 320), caption()])
-    rows, ids = unique_tokens(text)
-    y = dense(rows, ids, torch.ones(len(ids)), 3)
+    rows, ids, values = multi_hot(text)
+    assert rows.shape == ids.shape == values.shape == (3 * 8,)  # one entry per position
+    y = dense(rows, ids, values, 3)
     for i, row in enumerate(text.tolist()):
         assert set(y[i].nonzero().flatten().tolist()) == set(row)  # start, end, pad stay in
     assert y.max() == 1  # a repeated token counts once
+    assert values.sum() == 5 + 4 + 3 and set(values.tolist()) == {0.0, 1.0}
 
 
 def hand_state() -> OnlineIDF:
@@ -48,9 +49,9 @@ def hand_state() -> OnlineIDF:
 
 def test_hand_computed_idf_targets_and_loss():
     text = torch.tensor([caption(320, 736, 320), caption(320, 1125)])
-    rows, ids = unique_tokens(text)
+    rows, ids, y = multi_hot(text)
     idf = hand_state()
-    idf.update(rows, ids, batch=2)
+    idf.update(ids, y, batch=2)
     # column mean of y: 1 for pad/start/end and 320, 1/2 for 736 and 1125; n = 2
     assert idf.steps.item() == 2.0
     expected_df = {PAD: 2.0, SOT: 2.0, EOT: 2.0, 320: 1.5, 736: 0.75, 1125: 0.5, 999: 0.0}
@@ -63,7 +64,7 @@ def test_hand_computed_idf_targets_and_loss():
     for c, value in expected_w.items():
         assert w[c].item() == pytest.approx(value, abs=1e-12)
 
-    targets = dense(rows, ids, soft_targets(rows, ids, w, 2), 2)
+    targets = dense(rows, ids, soft_targets(rows, ids, y, w, 2), 2)
     l125, l2, l25 = math.log(1.25), math.log(2.0), math.log(2.5)
     hand = {(0, 320): l125 / (l125 + l2), (0, 736): l2 / (l125 + l2),
             (1, 320): l125 / (l125 + l25), (1, 1125): l25 / (l125 + l25)}  # fmt: skip
@@ -77,7 +78,7 @@ def test_hand_computed_idf_targets_and_loss():
     logits[0, 736], logits[1, 320] = 2.0, 1.0
     row0 = math.log(VOCAB_SIZE - 1 + math.exp(2)) - 2 * hand[(0, 736)]
     row1 = math.log(VOCAB_SIZE - 1 + math.exp(1)) - 1 * hand[(1, 320)]
-    loss = soft_cross_entropy(logits, rows, ids, soft_targets(rows, ids, w, 2))
+    loss = soft_cross_entropy(logits, rows, ids, soft_targets(rows, ids, y, w, 2))
     assert loss.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
 
 
@@ -86,9 +87,10 @@ def test_repeated_tokens_count_once():
     states = []
     for text in (once, thrice):
         idf = OnlineIDF()
-        rows, ids = unique_tokens(text)
-        idf.update(rows, ids, batch=1)
-        states.append((idf.df.clone(), soft_targets(rows, ids, idf.weights(1), 1)))
+        rows, ids, y = multi_hot(text)
+        idf.update(ids, y, batch=1)
+        targets = soft_targets(rows, ids, y, idf.weights(1), 1)
+        states.append((idf.df.clone(), dense(rows, ids, targets, 1)))
     assert states[0][0][320] == 1.0 and torch.equal(states[0][0], states[1][0])
     assert torch.equal(states[0][1], states[1][1])
 
@@ -102,7 +104,8 @@ def test_idf_after_k_steps_is_log_samples_seen_over_document_frequency():
         text[:, 0], text[:, -1] = SOT, EOT
         for row in text.tolist():
             counts[list(set(row))] += 1  # DF in captions
-        idf.update(*unique_tokens(text), batch=batch)
+        _, ids, y = multi_hot(text)
+        idf.update(ids, y, batch=batch)
     assert idf.steps.item() == k
     expected = torch.log((k * batch + 1) / (counts + 1))
     torch.testing.assert_close(idf.weights(batch), expected, rtol=0, atol=1e-12)
@@ -112,17 +115,17 @@ def test_sparse_loss_and_gradient_equal_the_dense_formula():
     gen = torch.Generator().manual_seed(1)
     text = torch.randint(1, 300, (5, 10), generator=gen)
     text[:, 0], text[:, -1], text[0, 5:] = SOT, EOT, PAD
-    rows, ids = unique_tokens(text)
+    rows, ids, y_entries = multi_hot(text)
     idf = OnlineIDF()
     idf.df.uniform_(0, 2, generator=gen)
     idf.steps.fill_(2.0)
-    idf.update(rows, ids, batch=5)
-    targets = soft_targets(rows, ids, idf.weights(5), 5)
+    idf.update(ids, y_entries, batch=5)
+    targets = soft_targets(rows, ids, y_entries, idf.weights(5), 5)
 
     logits = torch.randn(5, VOCAB_SIZE, generator=gen, requires_grad=True)
     ours = soft_cross_entropy(logits, rows, ids, targets)
     (ours_grad,) = torch.autograd.grad(ours, logits)
-    y = dense(rows, ids, torch.ones(len(ids), dtype=torch.float64), 5)
+    y = dense(rows, ids, y_entries, 5)
     yw = y * idf.weights(5)
     y_hat = yw / yw.sum(1, keepdim=True).clamp_min(1e-12)
     reference = -(y_hat * torch.log_softmax(logits.double(), dim=1)).sum(1).mean()
@@ -133,9 +136,9 @@ def test_sparse_loss_and_gradient_equal_the_dense_formula():
 
 
 def test_loss_is_float32_under_bf16_logits():
-    rows, ids = unique_tokens(torch.tensor([caption(320)]))
+    rows, ids, y = multi_hot(torch.tensor([caption(320)]))  # 4 distinct ids
     logits = torch.zeros(1, VOCAB_SIZE, dtype=torch.bfloat16)
-    loss = soft_cross_entropy(logits, rows, ids, torch.full((len(ids),), 0.25))
+    loss = soft_cross_entropy(logits, rows, ids, 0.25 * y)
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(math.log(VOCAB_SIZE))
 
 
@@ -163,26 +166,36 @@ def test_classifier_updates_idf_before_weighting():
 def _composed_soft_cross_entropy(logits, rows, ids, targets):
     """The loss written with autograd's ops only: the gradient reference."""
     z, t = logits.float(), targets.float()
-    mass = torch.zeros(z.shape[0]).index_add(0, rows, t)
-    dot = torch.zeros(z.shape[0]).index_add(0, rows, t * z[rows, ids])
+    mass = torch.zeros(z.shape[0], device=z.device).index_add(0, rows, t)
+    dot = torch.zeros(z.shape[0], device=z.device).index_add(0, rows, t * z[rows, ids])
     return (mass * torch.logsumexp(z, dim=1) - dot).mean()
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CUDA only where lent
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hand_written_backward_is_autograds_bit_for_bit(dtype):
+def test_hand_written_backward_is_autograds_bit_for_bit(dtype, device):
     gen = torch.Generator().manual_seed(2)
     text = torch.randint(1, 2000, (64, 20), generator=gen)
     text[:, 0], text[:, -1], text[3] = SOT, EOT, PAD  # row 3: padding only
-    rows, ids = unique_tokens(text)
+    rows, ids, y = multi_hot(text)
     idf = OnlineIDF()
-    idf.update(rows, ids, batch=64)
-    targets = soft_targets(rows, ids, idf.weights(64), 64)
-    logits = (3 * torch.randn(64, VOCAB_SIZE, generator=gen)).to(dtype).requires_grad_()
+    idf.update(ids, y, batch=64)
+    targets = soft_targets(rows, ids, y, idf.weights(64), 64)
+    logits = 3 * torch.randn(64, VOCAB_SIZE, generator=gen)
+    logits = logits.to(device, dtype).requires_grad_()
+    rows, ids, targets = rows.to(device), ids.to(device), targets.to(device)
     results = []
     for loss_fn in (soft_cross_entropy, _composed_soft_cross_entropy):
         loss = 0.7 * loss_fn(logits, rows, ids, targets)  # an outer factor, as cls_weight is
         (grad,) = torch.autograd.grad(loss, logits)
         results.append((loss, grad))
     (ours, ours_grad), (composed, composed_grad) = results
-    assert torch.equal(ours, composed) and ours_grad.dtype == dtype
-    assert torch.equal(ours_grad, composed_grad)
+    assert ours_grad.dtype == dtype and ours_grad.device == logits.device
+    if device == "cpu":
+        assert torch.equal(ours, composed) and torch.equal(ours_grad, composed_grad)
+    else:  # CUDA reductions and atomic index_put adds run in no fixed order
+        torch.testing.assert_close(ours, composed, rtol=1e-6, atol=0)
+        torch.testing.assert_close(ours_grad, composed_grad)
