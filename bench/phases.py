@@ -21,7 +21,7 @@ from torch import nn
 from bench.measure import NvmlSampler, now, summarise_ms
 from harness.data import prepare_batch, train_loader
 from harness.metrics import PeakMemory
-from harness.trainer import Trainer, total_loss
+from harness.trainer import Trainer
 
 PHASES = (
     "data_wait",
@@ -187,7 +187,7 @@ def _one_phased_step(
     t1 = now(device)
     prepared = prepare_batch(batch, device)
     t2 = now(device)
-    loss = total_loss(trainer._forward(prepared))
+    loss = trainer._forward(prepared)["loss"]
     t3 = now(device)
     trainer._backward(loss)
     t4 = now(device)

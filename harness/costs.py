@@ -71,19 +71,17 @@ def count_costs(
     autocast_ctx,
 ) -> dict[str, Any]:
     """Parameters, training FLOPs per sample, and inference FLOPs per image and per caption."""
-    from harness.trainer import total_loss
-
     counts = parameter_counts(step_module.model, step_module.method)
     twin = copy.deepcopy(step_module)
     batch = prepare_batch(synthetic_batch(per_rank_batch, image_size, context_length), device)
     warmup = twin.method.cost_warmup_steps(per_rank_batch * distributed.world_size())
     for _ in range(warmup):  # reach the method's steady state (on the copy) before counting
         with autocast_ctx:
-            total_loss(twin(batch)).backward()
+            twin(batch)["loss"].backward()
     with FlopCounterMode(display=False) as counter:
         with autocast_ctx:
-            terms = twin(batch)
-        total_loss(terms).backward()
+            loss = twin(batch)["loss"]
+        loss.backward()
     train_flops = counter.get_total_flops()
     twin.eval()
     method, model = twin.method, twin.model

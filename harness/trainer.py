@@ -70,6 +70,7 @@ class TrainConfig:
     checkpoint_every_samples: int = 20_000  # 0: only at the end (and on interrupt)
     progress_bar: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable kernels
+    compile: bool = False  # torch.compile the method's forward and loss (model included)
 
     def __post_init__(self) -> None:
         checks = {
@@ -152,7 +153,12 @@ class BudgetClock:
 
 
 class TrainStep(nn.Module):
-    """model + method as one module, so DDP and checkpoints see the method's own state."""
+    """model + method as one module, so DDP and checkpoints see the method's own state.
+
+    Returns ``{"loss": the summed *_loss terms, **every term detached}``: the sum is the one
+    output that carries gradient (summing inside also keeps torch.compile, when on, clear of a
+    failure with outputs that alias a detached term).
+    """
 
     def __init__(self, model: nn.Module, method: Method):
         super().__init__()
@@ -160,7 +166,8 @@ class TrainStep(nn.Module):
         self.method = method
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.method.loss(self.method(self.model, batch))
+        terms = self.method.loss(self.method(self.model, batch))
+        return {"loss": total_loss(terms), **{k: v.detach() for k, v in terms.items()}}
 
 
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -244,6 +251,10 @@ class Trainer:
                 device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                 forward_sync_buffers=False,  # method buffers are kept in sync by the method itself
             )
+        if config.compile:
+            # Fuses the elementwise work between matmuls; backward and AdamW stay eager. Code a
+            # method cannot have traced (collectives, RNG generators) runs eagerly between graphs.
+            self.train_step_fn = torch.compile(self.train_step_fn)
         seconds = config.train_seconds if config.budget == "wallclock" else 0.0
         self.clock = BudgetClock(seconds)
         self.optimizer, self.scheduler = build_optimizer(method, model, config, self.clock)
@@ -325,7 +336,7 @@ class Trainer:
                 t_data = time.perf_counter()
                 faults.at_step(self.state.step, self.dist.rank)
                 terms = self._one_step(prepare_batch(batch, self.dist.device))
-                loss = total_loss(terms).detach()
+                loss = terms["loss"].detach()
                 # device-side NaN watch: no host sync per step; checked when we log anyway
                 bad = ~torch.isfinite(loss) & (bad_step < 0)
                 bad_step = torch.where(bad, self.state.step, bad_step)  # a number: no copy
@@ -353,13 +364,13 @@ class Trainer:
 
     def _one_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = self._forward(batch)
-        self._backward(total_loss(terms))
+        self._backward(terms["loss"])
         self._optimizer_step()
         return terms
 
     # The step's phases, separate so that bench/ can time each one on the same code path.
     def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The method's forward and loss terms (through DDP when there are several ranks)."""
+        """The method's forward, loss and terms (``TrainStep``; through DDP with several ranks)."""
         with autocast(self.dist.device, self.config.precision):
             return self.train_step_fn(batch)
 

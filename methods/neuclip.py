@@ -349,6 +349,7 @@ class NeuClip(Method):
             npn_alpha(all_text, positive, w2, tau=tau, eps=self.eps),
         )
 
+    @torch.compiler.disable  # step counters and the active count: traced, each step recompiles
     @torch.no_grad()
     def _npn_step(self, all_image, all_text, global_norm, tau) -> None:
         """Queue, restart if due, then T_u AdaGrad steps on both prototype sets."""

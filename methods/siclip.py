@@ -310,13 +310,18 @@ class SiClip(Method):
         return model
 
     # -- training -----------------------------------------------------
+    @torch.compiler.disable  # the step counter: traced, each step would recompile
+    def _next_noise(self, n_global: int, device: torch.device) -> torch.Tensor:
+        noise = gumbel_noise(n_global, seed=self.seed, step=self._step, device=device)
+        self._step += 1
+        return noise
+
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         image = models.normalize(models.encode_image(model, batch["image"])[0])
         text = models.normalize(models.encode_text(model, batch["text"]))
         t_image, t_text, t_scale = self.teacher().embed(batch["image"], batch["text"])
         n_global = image.shape[0] * distributed.world_size()
-        noise = gumbel_noise(n_global, seed=self.seed, step=self._step, device=image.device)
-        self._step += 1
+        noise = self._next_noise(n_global, image.device)
         return {
             "image": image,
             "text": text,

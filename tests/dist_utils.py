@@ -59,14 +59,13 @@ def build(method_name: str, model_cfg: dict, bindings: list[str], seed: int = 0)
 def one_step(step_module, batch, steps: int = 1):
     """``steps`` forward/backward passes (plain SGD between them so state evolves identically)."""
     from harness.data import prepare_batch
-    from harness.trainer import total_loss
 
     batch = prepare_batch(batch, torch.device("cpu"))
     for _ in range(steps):
         for p in step_module.parameters():
             p.grad = None
         terms = step_module(batch)
-        loss = total_loss(terms)
+        loss = terms["loss"]
         loss.backward()
         grads = {
             n: p.grad.detach().clone()

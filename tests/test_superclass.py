@@ -57,7 +57,7 @@ def test_stage1_builds_and_runs_no_text_tower(micro_cfg, monkeypatch):
     monkeypatch.setattr(models, "encode_text", text_tower_ran)
     monkeypatch.setattr(nn.Embedding, "forward", text_tower_ran)  # any token embedding
     _, terms, _ = one_step(step, make_batch(8, 32, 36))
-    assert set(terms) == {"cls_loss"}
+    assert set(terms) == {"loss", "cls_loss"}  # the sum, and each term
     image = prepare_batch(make_batch(2, 32, 36), torch.device("cpu"))["image"]
     features = step.method.probe_features(step.model, image)
     assert features.shape == (2, width)
@@ -112,7 +112,7 @@ def test_lit_freezes_the_stage1_tower_except_final_norm_and_new_projection(micro
     assert all(p.requires_grad for n, p in step.model.named_parameters() if "visual." not in n)
 
     _, terms, grads = one_step(step, make_batch(8, 32, 36))
-    assert set(terms) == {"contrastive_loss", "logit_scale"}
+    assert set(terms) == {"loss", "contrastive_loss", "logit_scale"}
     assert {n for n in grads if n.startswith("model.visual.")} == {
         f"model.visual.{n}" for n in LIT_TRAINABLE
     }

@@ -9,6 +9,7 @@ from methods.token_classification import (
     VOCAB_SIZE,
     OnlineIDF,
     TokenClassifier,
+    composed_soft_cross_entropy,
     multi_hot,
     soft_cross_entropy,
     soft_targets,
@@ -163,14 +164,6 @@ def test_classifier_updates_idf_before_weighting():
     assert targets[0, 736].item() == pytest.approx(l2 / (l125 + l2), abs=1e-12)
 
 
-def _composed_soft_cross_entropy(logits, rows, ids, targets):
-    """The loss written with autograd's ops only: the gradient reference."""
-    z, t = logits.float(), targets.float()
-    mass = torch.zeros(z.shape[0], device=z.device).index_add(0, rows, t)
-    dot = torch.zeros(z.shape[0], device=z.device).index_add(0, rows, t * z[rows, ids])
-    return (mass * torch.logsumexp(z, dim=1) - dot).mean()
-
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CUDA only where lent
 
 
@@ -188,7 +181,7 @@ def test_hand_written_backward_is_autograds_bit_for_bit(dtype, device):
     logits = logits.to(device, dtype).requires_grad_()
     rows, ids, targets = rows.to(device), ids.to(device), targets.to(device)
     results = []
-    for loss_fn in (soft_cross_entropy, _composed_soft_cross_entropy):
+    for loss_fn in (soft_cross_entropy, composed_soft_cross_entropy):
         loss = 0.7 * loss_fn(logits, rows, ids, targets)  # an outer factor, as cls_weight is
         (grad,) = torch.autograd.grad(loss, logits)
         results.append((loss, grad))
