@@ -340,7 +340,7 @@ class Trainer:
                 # device-side NaN watch: no host sync per step; checked when we log anyway
                 bad = ~torch.isfinite(loss) & (bad_step < 0)
                 bad_step = torch.where(bad, self.state.step, bad_step)  # a number: no copy
-                meter.add(terms, loss, int(batch["corrupt"]))
+                meter.add(terms, int(batch["corrupt"]))
                 self.state.step += 1
                 timing.add(t_data - t0, time.perf_counter() - t0)
                 bar.update(1)
@@ -436,8 +436,9 @@ class _Meter:
         self.count = 0
         self.corrupt = 0
 
-    def add(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, corrupt: int) -> None:
-        for key, value in {"loss": loss, **terms}.items():
+    def add(self, terms: dict[str, torch.Tensor], corrupt: int) -> None:
+        """``terms``: ``TrainStep``'s output, the summed loss first."""
+        for key, value in terms.items():
             if value.numel() != 1:
                 continue
             value = value.detach().float().reshape(())

@@ -136,7 +136,8 @@ def sample_negatives(logits: torch.Tensor, noise: torch.Tensor, *, offset: int) 
     """
     scores = logits.detach().float() + noise.to(logits.device)
     own = own_pairs(*scores.shape, offset, scores.device)
-    return scores.masked_fill_(own, float("-inf")).argmax(dim=1)  # after the noise: -inf + inf
+    # masked after the noise is added: -inf + inf would be NaN
+    return scores.masked_fill_(own, float("-inf")).argmax(dim=1)
 
 
 def gumbel_noise(

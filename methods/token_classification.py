@@ -8,8 +8,8 @@ Soft target y_hat = (y * w) / max(||y * w||_1, 1e-12); loss = softmax cross-entr
 classes, L = -(1/B) sum_i sum_c y_hat_ic log softmax(z_i)_c, per rank on the local batch.
 
 Nothing here is dense in V except the logits z (B x V), which no formulation avoids: y is kept
-as (row, id, value) entries, one per caption position, the IDF update is an ``index_add_``, and the
-loss is logsumexp(z) - sum_c y_hat_c z_c with the sum gathered at those ids.
+as (row, id, value) entries, one per caption position, the IDF update is an ``index_add_``, and
+the loss is logsumexp(z) - sum_c y_hat_c z_c with the sum gathered at those ids.
 """
 
 from __future__ import annotations
@@ -96,9 +96,15 @@ def composed_soft_cross_entropy(
     """The same loss from autograd's ops alone: what torch.compile traces, and the reference
     the hand-written backward is checked against."""
     z, t = logits.float(), targets.float()
+    lse, mass, dot = _row_terms(z, rows, ids, t)
+    return (mass * lse - dot).mean()
+
+
+def _row_terms(z, rows, ids, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per caption: logsumexp(z), the target mass sum_c y_hat_c, and sum_c y_hat_c z_c."""
     mass = torch.zeros(z.shape[0], device=z.device).index_add(0, rows, t)
     dot = torch.zeros(z.shape[0], device=z.device).index_add(0, rows, t * z[rows, ids])
-    return (mass * torch.logsumexp(z, dim=1) - dot).mean()
+    return torch.logsumexp(z, dim=1), mass, dot
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
@@ -114,10 +120,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, rows, ids, targets):
         z, t = logits.float(), targets.float()
-        batch = z.shape[0]
-        lse = torch.logsumexp(z, dim=1)
-        mass = torch.zeros(batch, device=z.device).index_add(0, rows, t)
-        dot = torch.zeros(batch, device=z.device).index_add(0, rows, t * z[rows, ids])
+        lse, mass, dot = _row_terms(z, rows, ids, t)
         ctx.save_for_backward(z, lse, mass, rows, ids, t)
         ctx.logits_dtype = logits.dtype
         return (mass * lse - dot).mean()
