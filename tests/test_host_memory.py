@@ -8,7 +8,7 @@ import pytest
 from harness import host_memory
 from tests.conftest import REPO
 
-# page faults of each of 8 forward+backward passes of a logsumexp over 512 x 49,408 logits
+# page faults of each of 16 forward+backward passes of a logsumexp over 512 x 49,408 logits
 # (superclip's classification loss at batch 512), printed by a fresh process
 PROBE = """
 import resource, sys, torch
@@ -18,7 +18,7 @@ if sys.argv[1] == "on":
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 z = torch.ones(512, 49408, requires_grad=True)
-for _ in range(8):
+for _ in range(16):
     before = faults()
     torch.logsumexp(z, dim=1).sum().backward()
     print(faults() - before)
@@ -38,8 +38,13 @@ def test_large_step_tensors_are_reused_instead_of_faulted_in_again():
     tensor_pages = 512 * 49408 * 4 // 4096
     default = faults_per_step("off")
     kept = faults_per_step("on")
-    assert min(default[-3:]) > tensor_pages  # glibc's default: fresh mmaps every pass
-    assert max(kept[-3:]) < tensor_pages // 10  # heap blocks reused once the heap has grown
+    steady = slice(4, None)  # the first passes grow the heap in both modes
+    # glibc's default: every pass maps its large tensors afresh and faults them in again
+    assert min(default[steady]) > tensor_pages
+    # kept: the heap's blocks are reused. It still grows now and then by one tensor when a
+    # block lands elsewhere (seen once or twice in 12 passes, never every pass), so the
+    # check is on the total: under a tenth of what the default faults over the same passes.
+    assert sum(kept[steady]) < sum(default[steady]) // 10, (kept, default)
 
 
 def test_returns_a_bool_and_can_be_called_twice():
