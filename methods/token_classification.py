@@ -118,7 +118,7 @@ def logsumexp_rows(z: torch.Tensor) -> torch.Tensor:
     """
     if z.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.logsumexp(z, dim=1)
-    rows_per_block = max(2, LOGSUMEXP_BLOCK_ELEMENTS // z.shape[1])
+    rows_per_block = max(1, LOGSUMEXP_BLOCK_ELEMENTS // z.shape[1])
     return torch.cat([torch.logsumexp(block, dim=1) for block in z.split(rows_per_block)])
 
 

@@ -195,9 +195,9 @@ def test_hand_written_backward_is_autograds_bit_for_bit(dtype, device):
         torch.testing.assert_close(ours_grad, composed_grad)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 43, 100])  # one block, a row short of a block, several
+@pytest.mark.parametrize("batch", [1, 2, 43, 100])
 def test_logsumexp_by_blocks_of_rows_is_logsumexp(batch):
-    # 42 rows of the vocabulary per block: 43 and 100 end on a partial block
+    # 42 rows of the vocabulary per block: 1 and 2 fit in one, 43 and 100 end on a partial one
     z = 5 * torch.randn(batch, VOCAB_SIZE, generator=torch.Generator().manual_seed(batch))
     z[0, :3] = torch.tensor([80.0, -float("inf"), 79.0])  # large and masked entries
     blocked = logsumexp_rows(z)
