@@ -438,14 +438,14 @@ class ShardStream(IterableDataset):
         pixels = to_pixels(image, self.image_size, box)
         return {"image": pixels, "captions": captions, "index": index, "labels": labels}
 
-    def _collate(self, items: list[dict[str, Any]], corrupt: int) -> dict[str, Any]:
+    def _collate(self, items: list[dict[str, Any]], corrupt: int) -> dict[str, torch.Tensor]:
         owners = [i for i, item in enumerate(items) for _ in item["captions"]]
         flat = [c for item in items for c in item["captions"]]
         batch = {
             # uint8 NCHW: normalised on the device by prepare_batch (4x less to copy)
-            "image": torch.from_numpy(np.stack([item["image"] for item in items]))
-            .permute(0, 3, 1, 2)
-            .contiguous(),
+            "image": torch.from_numpy(np.stack([item["image"] for item in items])).permute(
+                0, 3, 1, 2
+            ),
             "text": self.tokenizer(flat),
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
             "corrupt": torch.tensor(corrupt, dtype=torch.long),
@@ -455,7 +455,7 @@ class ShardStream(IterableDataset):
             batch["labels"] = torch.tensor(
                 [item["labels"] for item in items], dtype=torch.long
             ).reshape(len(items), len(self.label_tasks))
-        return batch
+        return in_one_storage(batch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         raw = self._shuffled(self._raw())
@@ -478,6 +478,30 @@ class ShardStream(IterableDataset):
                 items, corrupt, self.broken = [], 0, 0
         if items:  # only a finite stream (evaluation, tests) ever ends
             yield self._collate(items, corrupt + self.broken)
+
+
+def in_one_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors, contiguous, as views of one byte buffer.
+
+    A loader worker hands each batch to the training process through shared memory, and every
+    storage costs the training process a socket round trip to the worker for its file
+    descriptor (the worker runs at low priority, so it can wait its turn). Pickle sends a
+    storage shared by several views once: one round trip per batch instead of one per tensor.
+    Measured on 2 CPU cores at batch 32 (bench.throughput, clip, 3 interleaved rounds): step
+    median 51.1-54.9 -> 49.4-51.8 ms, loader alone 3,441-3,450 -> 3,803-4,190 samples/s.
+    """
+    align = 64  # any dtype's view needs its offset to be a multiple of its item size
+    offsets, size = {}, 0
+    for name, t in tensors.items():
+        offsets[name] = size
+        size += -(-t.numel() * t.element_size() // align) * align
+    buffer = torch.empty(size, dtype=torch.uint8)
+    packed = {}
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        view = buffer[offsets[name] : offsets[name] + nbytes].view(t.dtype).view(t.shape)
+        packed[name] = view.copy_(t)
+    return packed
 
 
 @functools.cache

@@ -7,7 +7,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from harness.data import ShardStream, make_loader, prepare_batch, random_resized_box
+from harness.data import (
+    ShardStream,
+    in_one_storage,
+    make_loader,
+    prepare_batch,
+    random_resized_box,
+)
 from harness.manifest import DataError, check_shards, load_manifest
 
 
@@ -71,6 +77,41 @@ def test_eval_batches_keep_every_caption_and_owner(tiny_data):
     assert first["text"].shape == (16 * 3, 36)  # 3 captions per test image in this fixture
     assert first["caption_owner"].tolist() == [i for i in range(16) for _ in range(3)]
     assert first["image"].dtype == torch.uint8
+
+
+def test_a_workers_batch_arrives_as_one_shared_storage_with_the_same_values(tiny_data):
+    """One storage per batch: the training process receives one file descriptor per batch
+    from a worker instead of one per tensor (the round trips cost the step milliseconds)."""
+    manifest = load_manifest(tiny_data)
+    for train in (True, False):
+        stream = ShardStream(
+            manifest, "train" if train else "test", batch_size=9, image_size=32,
+            context_length=36, train=train, augment="open_clip", seed=3, epochs=1,
+            label_tasks=[t.name for t in manifest.label_tasks],
+        )  # fmt: skip
+        from_worker = next(iter(make_loader(stream, 1)))
+        in_process = next(iter(make_loader(stream, 0)))
+        assert from_worker.keys() == in_process.keys()
+        assert len({t.untyped_storage().data_ptr() for t in from_worker.values()}) == 1
+        for key, tensor in in_process.items():
+            assert torch.equal(from_worker[key], tensor), key
+
+
+def test_in_one_storage_keeps_values_dtypes_and_shapes():
+    image = torch.arange(2 * 5 * 5 * 3, dtype=torch.uint8).reshape(2, 5, 5, 3).permute(0, 3, 1, 2)
+    tensors = {
+        "image": image,  # not contiguous: packed as NCHW
+        "text": torch.arange(7 * 3).reshape(7, 3),
+        "corrupt": torch.tensor(4),
+        "empty": torch.zeros(0, 2, dtype=torch.long),
+        "odd": torch.ones(3, dtype=torch.uint8),
+        "floats": torch.randn(5, dtype=torch.float64),
+    }
+    packed = in_one_storage(tensors)
+    assert len({t.untyped_storage().data_ptr() for t in packed.values()}) == 1
+    for key, tensor in tensors.items():
+        assert packed[key].dtype == tensor.dtype and packed[key].is_contiguous(), key
+        assert torch.equal(packed[key], tensor), key
 
 
 def test_prepare_batch_normalises_on_device():
