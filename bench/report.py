@@ -99,10 +99,64 @@ def _phase(row: dict, name: str) -> str:
     return NA if value is None else _f(value["median_ms"])
 
 
-def _ratio(row: dict, base: dict | None, key: str = "median_ms") -> str:
-    if base is None or "step" not in base:
+# ---------------------------------------------------------------- rounds
+
+
+def cell_rounds(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Every (method, batch) cell's rows, one per round, cells in method-then-batch order."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    grouped: dict[tuple[str, int], list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (methods.index(r["method"]), r["batch_size"])):
+        grouped.setdefault((r["method"], r["batch_size"]), []).append(r)
+    return grouped
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median step time (the lower one of two middles): a measured row, not
+    a mix of rounds. A cell that failed in every round gives its first error."""
+    ok = sorted((r for r in rounds if "error" not in r), key=lambda r: r["step"]["median_ms"])
+    return ok[(len(ok) - 1) // 2] if ok else rounds[0]
+
+
+def round_ratios(
+    rows: list[dict], method: str, batch: int, base: str, key: str = "step"
+) -> list[float]:
+    """``method``'s step time over ``base``'s at ``batch``, within each round that has both.
+
+    ``key`` "step" divides step medians; "excl_frozen" divides ``method``'s step without its
+    frozen forward by ``base``'s step."""
+    by_round: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        if r["batch_size"] == batch and "error" not in r:
+            by_round.setdefault(r.get("round", 0), {})[r["method"]] = r
+    ratios = []
+    for pair in by_round.values():
+        if method not in pair or base not in pair:
+            continue
+        num = pair[method]
+        value = num["step"]["median_ms"] if key == "step" else num.get("step_excluding_frozen_ms")
+        if value is not None:
+            ratios.append(value / pair[base]["step"]["median_ms"])
+    return ratios
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def ratio_text(values: list[float], digits: int = 2, spread: bool = True) -> str:
+    """ "1.05" from one round; "1.05 [1.02-1.09]" (median [min-max]) from several."""
+    if not values:
         return NA
-    return f"{row['step'][key] / base['step'][key]:.2f}"
+    text = f"{median(values):.{digits}f}"
+    if spread and len(values) > 1:
+        text += f" [{min(values):.{digits}f}–{max(values):.{digits}f}]"
+    return text
+
+
+# ---------------------------------------------------------------- the table
 
 
 COLUMNS = (
@@ -113,20 +167,19 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def _row(row: dict, clip: dict | None) -> list[str]:
+def _row(row: dict, rows: list[dict]) -> list[str]:
     if "error" in row:
         return [row["method"], str(row["batch_size"]), f"error: {row['error'].splitlines()[-1]}"]
     step = row["step"]
     gpu = row.get("gpu", {})
     loader = row.get("loader")
-    excl = row.get("step_excluding_frozen_ms")
-    excl_ratio = NA
-    if excl is not None and clip is not None and "step" in clip:
-        excl_ratio = f"{excl / clip['step']['median_ms']:.2f}"
+    method, batch = row["method"], row["batch_size"]
     return [
-        row["method"], str(row["batch_size"]),
+        method, str(batch),
         f"{step['median_ms']:.1f} [{step['p10_ms']:.1f}, {step['p90_ms']:.1f}]",
-        f"{row['samples_per_s']:.0f}", _ratio(row, clip), excl_ratio,
+        f"{row['samples_per_s']:.0f}",
+        ratio_text(round_ratios(rows, method, batch, BASELINE), spread=False),
+        ratio_text(round_ratios(rows, method, batch, BASELINE, "excl_frozen"), spread=False),
         *(_phase(row, p) for p in PHASES),
         f"{row['peak_memory_mb']:.0f}",
         _f(row["mfu"] * 100 if "mfu" in row else None, ".2f"),
@@ -138,8 +191,8 @@ def _row(row: dict, clip: dict | None) -> list[str]:
 
 
 def markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    clips = {r["batch_size"]: r for r in rows if r["method"] == BASELINE and "error" not in r}
     nvml = next((r["gpu"]["nvml"] for r in rows if "gpu" in r), NA)
+    rounds = header.get("rounds", 1)
     lines = [
         "# Training-step throughput",
         "",
@@ -159,45 +212,57 @@ def markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{nvml if nvml else NA}",
         f"- load average (1, 5, 15 min) before/after each cell: {_loads(rows)}",
     ]
+    if rounds > 1:
+        lines.append(
+            f"- {rounds} rounds: every cell measured {rounds} times in fresh processes, round "
+            "after round, batch size by batch size; each row is the cell's round with the median "
+            "step time, and each ratio is the median of the ratios taken within a round"
+        )
     if header.get("gin_params"):
         lines.append(f"- extra gin bindings: {header['gin_params']}")
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells = _row(row, clips.get(row["batch_size"]))
+    for cell in cell_rounds(rows).values():
+        cells = _row(median_round(cell), rows)
         cells += [""] * (len(COLUMNS) - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *_summary(rows, clips)]
+    lines += ["", *_summary(rows, rounds)]
     notes = _notes(rows)
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 
-def _summary(rows: list[dict], clips: dict[int, dict]) -> list[str]:
+def _summary(rows: list[dict], rounds: int) -> list[str]:
     """Per batch size: clip against the bare loop, each method against clip, loader against step."""
-    ok = [r for r in rows if "error" not in r]
-    out = ["Step time ratios (medians) and loader headroom, per batch size:", ""]
-    for batch in sorted({r["batch_size"] for r in ok}):
-        clip, parts = clips.get(batch), []
+    title = "Step time ratios (medians)"
+    if rounds > 1:
+        title = f"Step time ratios (median [min–max] over the {rounds} rounds)"
+    out = [f"{title} and loader headroom, per batch size:", ""]
+    cells = cell_rounds([r for r in rows if "error" not in r])
+    for batch in sorted({b for _, b in cells}):
+        parts = []
         for name in BARE_ROWS:
-            bare = next((r for r in ok if r["method"] == name and r["batch_size"] == batch), None)
-            if clip and bare:
-                parts.append(f"clip ÷ {name} {_div(clip, bare):.3f}")
-        for r in ok:
-            if r["batch_size"] != batch or r["method"] in (*BARE_ROWS, BASELINE) or not clip:
+            ratios = round_ratios(rows, BASELINE, batch, name)
+            if ratios:
+                parts.append(f"clip ÷ {name} {ratio_text(ratios, digits=3)}")
+        for method, b in cells:
+            if b != batch or method in (*BARE_ROWS, BASELINE):
                 continue
-            text = f"{r['method']} ÷ clip {_div(r, clip):.2f}"
-            if "step_excluding_frozen_ms" in r:
-                text += f" ({r['step_excluding_frozen_ms'] / clip['step']['median_ms']:.2f} without its frozen forward)"
+            ratios = round_ratios(rows, method, batch, BASELINE)
+            if not ratios:
+                continue
+            text = f"{method} ÷ clip {ratio_text(ratios)}"
+            excl = round_ratios(rows, method, batch, BASELINE, "excl_frozen")
+            if excl:
+                text += f" ({ratio_text(excl)} without its frozen forward)"
             parts.append(text)
-        if clip and "loader_speedup" in clip:
-            parts.append(f"loader ÷ clip step {clip['loader_speedup']:.1f}×")
+        clip = cells.get((BASELINE, batch))
+        if clip:
+            speedups = [r["loader_speedup"] for r in clip if "loader_speedup" in r]
+            if speedups:
+                parts.append(f"loader ÷ clip step {ratio_text(speedups, digits=1)}×")
         out.append(f"- batch {batch}: " + "; ".join(parts))
     return out
-
-
-def _div(a: dict, b: dict) -> float:
-    return a["step"]["median_ms"] / b["step"]["median_ms"]
 
 
 def _memory_kinds(rows: list[dict]) -> str:

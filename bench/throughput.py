@@ -1,7 +1,8 @@
 """Training-step throughput per method and batch size: ``python -m bench.throughput``.
 
     python -m bench.throughput [--methods clip superclip ...] [--batch-sizes 32 128 512]
-                               [--model tiny-vit] [--steps 30] [--out reports/bench/NAME]
+                               [--model tiny-vit] [--steps 30] [--rounds 1]
+                               [--out reports/bench/NAME]
 
 For every method x batch size (a "cell"), in a fresh process each (so peak memory, allocator and
 thread state do not leak from one cell into the next), on the model, data and config a run uses:
@@ -13,6 +14,11 @@ measured fp32 matmul peak on CPU, named as such), GPU utilisation and memory sam
 is slower than the step flagged I/O-bound. Two baseline rows per batch size time the same CLIP
 with no harness (bench/bare.py): "bare" on batches in memory, "bare+loader" fed live by the
 harness's loader. Writes ``results.json`` and ``results.md`` to ``--out``.
+
+A machine's speed drifts over minutes (a shared VM, clocks, the page cache), and two cells timed
+apart can differ by more than the effect measured. So cells run batch size by batch size (clip
+and its baselines back to back), and ``--rounds N`` measures every cell N times, round after
+round: each ratio is then taken within a round and reported as its median and range over rounds.
 
 Under ``torchrun`` the cells run in the launched processes (``--in-process`` is implied) and the
 communication phase is the DDP all-reduce time.
@@ -62,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--steps", type=int, default=30, help="timed steps of the trainer")
     add("--phase-steps", type=int, default=10, help="timed steps of the instrumented pass")
     add("--loader-batches", type=int, default=20, help="batches timed in the loader-only pass")
+    add("--rounds", type=int, default=1, help="measure every cell this many times, in turn")
     add("--gin_param", action="append", default=[], metavar="BINDING", help="extra gin binding")
     add("--no-bare", action="store_true", help="leave out the bare-loop baseline rows")
     add("--out", type=Path, default=None, help="output folder (default reports/bench/<time>)")
@@ -76,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown method(s) {unknown}; registered: {registered_names()}")
     if args.warmup < 1 or args.steps < 2 or args.phase_steps < 1 or args.loader_batches < 1:
         parser.error("need --warmup >= 1, --steps >= 2, --phase-steps >= 1, --loader-batches >= 1")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: need at least 1")
     return args
 
 
@@ -164,12 +173,14 @@ def _measure_bare(cell: Cell, args: argparse.Namespace, *, live: bool) -> dict:
 
 
 def cells(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """One round's (method, batch) cells, batch size by batch size: the cells whose step times
+    are divided by each other's run minutes apart, not a whole grid apart."""
     methods = list(args.methods)
     if distributed.env_world_size() > 1:  # the bare loop is a one-process baseline
         methods = [m for m in methods if m not in BASELINES]
     elif not args.no_bare:
         methods += [b for b in BASELINES if b not in methods]
-    return [(m, b) for m in methods for b in args.batch_sizes]
+    return [(m, b) for b in args.batch_sizes for m in methods]
 
 
 def run_subprocess(args: argparse.Namespace, method: str, batch: int, peak, out: Path) -> dict:
@@ -207,17 +218,23 @@ def main(argv: list[str] | None = None) -> int:
         "timed_steps": args.steps,
         "phase_steps": args.phase_steps,
         "loader_batches": args.loader_batches,
+        "rounds": args.rounds,
         "gin_params": args.gin_param,
         "phases_note": PHASES_NOTE,
     }
     rows, paths = [], []
-    for method, batch in cells(args):
-        print(f"bench: {method} batch {batch}", file=sys.stderr, flush=True)
+    for round_, (method, batch) in itertools.product(range(args.rounds), cells(args)):
+        print(
+            f"bench: round {round_ + 1}/{args.rounds}: {method} batch {batch}",
+            file=sys.stderr,
+            flush=True,
+        )
         if in_process:
-            rows.append(run_cell(args, method, batch, peak))
+            row = run_cell(args, method, batch, peak)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append(run_subprocess(args, method, batch, peak, Path(tmp) / "cell.json"))
+                row = run_subprocess(args, method, batch, peak, Path(tmp) / "cell.json")
+        rows.append({**row, "round": round_})
         # Rewritten after every cell: a bench stopped half-way keeps the cells it measured.
         if distributed.env_rank() == 0:
             paths = report.write(out, header, rows)

@@ -89,6 +89,72 @@ def test_io_bound_flag():
     assert slow["mfu"] == pytest.approx(1e6 * 800 / 1e9)
 
 
+def _timed_row(method: str, round_: int, step_ms: float, **extra) -> dict:
+    """A bench row with what the table reads, as run_cell and report.derive write it."""
+    return {
+        "method": method, "batch_size": 8, "round": round_, "samples_per_s": 8000 / step_ms,
+        "step": {"median_ms": step_ms, "p10_ms": step_ms - 1, "p90_ms": step_ms + 1},
+        "peak_memory_mb": 100.0, **extra,
+    }  # fmt: skip
+
+
+def test_rounds_take_each_ratio_within_a_round_and_show_the_median_round():
+    # The machine is twice as slow in round 1: clip and bare both slow down, and their ratio
+    # (1.10 in every round) must not see it, as it would if rounds were pooled per cell.
+    rows = []
+    for round_, speed in enumerate([1.0, 2.0, 1.2]):
+        rows += [
+            _timed_row("clip", round_, 110 * speed, loader_speedup=5.0 + round_),
+            _timed_row("superclip", round_, 130 * speed + round_),
+            _timed_row("siclip", round_, 150 * speed, step_excluding_frozen_ms=120 * speed),
+            _timed_row("bare", round_, 100 * speed),
+        ]
+    rows.append({"method": "neuclip", "batch_size": 8, "round": 0, "error": "boom\nKeyError"})
+    assert report.round_ratios(rows, "clip", 8, "bare") == pytest.approx([1.1, 1.1, 1.1])
+    assert report.median_round(report.cell_rounds(rows)[("clip", 8)])["round"] == 2  # 132 ms
+    header = {
+        "date": "d", "device_name": "cpu", "cpu_cores": 2, "torch": "t", "torch_threads": 2,
+        "open_clip": "o", "python": "p", "warmup_steps": 1, "timed_steps": 3,
+        "peak_flops": 1e9, "peak_source": "test", "phase_steps": 1, "phases_note": "n",
+        "loader_batches": 1, "rounds": 3,
+    }  # fmt: skip
+    table = report.markdown(header, rows)
+    lines = table.splitlines()
+    clip_line = next(line for line in lines if line.startswith("| clip |"))
+    assert "| 132.0 [131.0, 133.0] |" in clip_line  # round 2's row, the median of 110, 220, 132
+    superclip = [130 / 110, (260 + 1) / 220, (156 + 2) / 132]
+    summary = next(line for line in lines if line.startswith("- batch 8:"))
+    assert "clip ÷ bare 1.100 [1.100–1.100]" in summary
+    assert (
+        f"superclip ÷ clip {sorted(superclip)[1]:.2f} [{min(superclip):.2f}–{max(superclip):.2f}]"
+        in summary
+    )
+    assert "siclip ÷ clip 1.36 [1.36–1.36] (1.09 [1.09–1.09] without its frozen forward)" in summary
+    assert "loader ÷ clip step 6.0 [5.0–7.0]×" in summary
+    assert "| neuclip | 8 | error: KeyError |" in table
+    assert "3 rounds" in table and "over the 3 rounds" in table
+    # one round: the table as before, plain ratios
+    one = report.markdown({**header, "rounds": 1}, [r for r in rows if r.get("round") == 0])
+    assert "clip ÷ bare 1.100;" in one and "[" not in one.split("- batch 8:")[1].split(";")[0]
+
+
+def test_throughput_rounds_interleave_cells_batch_by_batch(tiny_data, tmp_path):
+    out = tmp_path / "bench"
+    done = run_cli(
+        "bench.throughput", "--methods", "clip", "--batch-sizes", "4", "8", "--model",
+        "micro-vit", "--data", str(tiny_data), "--warmup", "1", "--steps", "2",
+        "--phase-steps", "1", "--loader-batches", "1", "--rounds", "2", "--no-bare", "--in-process",
+        "--out", str(out), env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["header"]["rounds"] == 2
+    order = [(r["round"], r["method"], r["batch_size"]) for r in result["rows"]]
+    assert order == [(0, "clip", 4), (0, "clip", 8), (1, "clip", 4), (1, "clip", 8)]
+    table = (out / "results.md").read_text()
+    assert sum(line.startswith("| clip |") for line in table.splitlines()) == 2
+
+
 def test_open_clip_reads_the_converted_shards(tiny_data, tmp_path):
     import open_clip
     from open_clip_train.data import get_wds_dataset
