@@ -4,6 +4,7 @@ of ``bench.throughput``."""
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -140,17 +141,11 @@ def round_ratios(
     return ratios
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def ratio_text(values: list[float], digits: int = 2, spread: bool = True) -> str:
     """ "1.05" from one round; "1.05 [1.02-1.09]" (median [min-max]) from several."""
     if not values:
         return NA
-    text = f"{median(values):.{digits}f}"
+    text = f"{statistics.median(values):.{digits}f}"
     if spread and len(values) > 1:
         text += f" [{min(values):.{digits}f}–{max(values):.{digits}f}]"
     return text

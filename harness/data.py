@@ -494,12 +494,11 @@ def in_one_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     offsets, size = {}, 0
     for name, t in tensors.items():
         offsets[name] = size
-        size += -(-t.numel() * t.element_size() // align) * align
+        size += -(-t.nbytes // align) * align
     buffer = torch.empty(size, dtype=torch.uint8)
     packed = {}
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        view = buffer[offsets[name] : offsets[name] + nbytes].view(t.dtype).view(t.shape)
+        view = buffer[offsets[name] : offsets[name] + t.nbytes].view(t.dtype).view(t.shape)
         packed[name] = view.copy_(t)
     return packed
 
