@@ -144,10 +144,15 @@ def barrier() -> None:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any (e.g. a stop request seen by one rank)."""
+    return max_over_ranks(1.0 if flag else 0.0) > 0
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest of every rank's ``value``, on every rank (float64: exact for a float)."""
     if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return float(t.item())

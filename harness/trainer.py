@@ -114,11 +114,13 @@ class TrainConfig:
         return self.lr * factor
 
     def derived(self) -> dict[str, Any]:
+        # a time budget usually ends the run before its step cap: status.json's step is what ran
+        samples = "samples_cap" if self.budget == "wallclock" else "samples_seen"
         return {
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
             "scaled_lr": self.scaled_lr,
-            "samples_seen": self.total_steps * self.batch_size,
+            samples: self.total_steps * self.batch_size,
         }
 
 
@@ -137,19 +139,32 @@ def lr_multiplier(
 
 
 class BudgetClock:
-    """Training time used so far, across resumes (for the wall-clock budget)."""
+    """Training time used so far, across resumes (for the wall-clock budget).
+
+    ``progress`` is the fraction of ``seconds`` used as last agreed by all ranks (the largest
+    rank's, at log steps): the learning-rate schedule reads it rather than each rank's own
+    clock, so every rank steps with the same rate, and no step waits for a collective.
+    """
 
     def __init__(self, seconds: float = 0.0, used: float = 0.0):
         self.seconds, self.used, self._since = seconds, used, time.perf_counter()
+        self.progress = self._fraction_of(used)
 
     def elapsed(self) -> float:
         return self.used + time.perf_counter() - self._since
 
     def restore(self, used: float) -> None:
+        """Continue from a checkpoint's ``used`` seconds (the same number on every rank)."""
         self.used, self._since = used, time.perf_counter()
+        self.progress = self._fraction_of(used)
 
-    def fraction(self) -> float | None:
-        return min(1.0, self.elapsed() / self.seconds) if self.seconds > 0 else None
+    def agree(self) -> float:
+        """Set ``progress`` to the largest fraction used on any rank, and return it."""
+        self.progress = distributed.max_over_ranks(self._fraction_of(self.elapsed()))
+        return self.progress
+
+    def _fraction_of(self, seconds: float) -> float:
+        return min(1.0, seconds / self.seconds) if self.seconds > 0 else 0.0
 
 
 class TrainStep(nn.Module):
@@ -188,11 +203,13 @@ def build_optimizer(
     )
 
     def schedule(step: int) -> float:
+        timed = clock is not None and clock.seconds > 0  # the cosine follows time, not steps
         return lr_multiplier(
             step,
             warmup=config.warmup_steps,
             total=config.total_steps,
             min_ratio=config.min_lr_ratio,
+            progress=clock.progress if timed else None,
         )
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -353,7 +370,7 @@ class Trainer:
                         self.save_checkpoint()
                         raise Interrupted(self.state.step, self._stop_signal or signal.SIGTERM)
                     if self.clock.seconds and not done:  # all ranks agree when time is up
-                        done = distributed.any_rank(self.clock.elapsed() >= self.clock.seconds)
+                        done = self.clock.agree() >= 1.0
                 if (ckpt_every and self.state.step % ckpt_every == 0) or done:
                     self._check_finite(bad_step)
                     self.save_checkpoint()
