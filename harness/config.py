@@ -63,6 +63,13 @@ class EvalConfig:
     probe_C: float = 1.0  # inverse L2 strength of the logistic regression
     probe_max_iter: int = 1000
 
+    def __post_init__(self) -> None:
+        if self.probe_split == self.split:
+            raise ValueError(
+                f"EvalConfig.probe_split={self.probe_split!r} is the evaluation split: the "
+                f"probe would be fitted on the images it is scored on"
+            )
+
 
 def import_configurables() -> None:
     """Import every module that declares configurables, so gin knows them before parsing."""
@@ -151,7 +158,23 @@ def parse(
         gin.parse_config_files_and_bindings([str(p) for p in paths], list(bindings))
     except (ValueError, KeyError, OSError, SyntaxError, tokenize.TokenError) as e:
         raise ConfigError(_clean(e, bindings)) from None
+    check_macros_used()
     return paths
+
+
+def check_macros_used() -> None:
+    """gin takes any ``NAME = value`` as a macro: a misspelt one (``SEEDS=1``) would be stored,
+    hashed into the config and never read. A macro that no binding references is refused,
+    unless it is one of the harness's own (a stage may bind what its macro would set)."""
+    text = full_config()
+    defined = set(re.findall(r"^([A-Za-z_]\w*) = ", text, flags=re.MULTILINE))
+    used = set(re.findall(r"%([A-Za-z_]\w*)", text))
+    unused = sorted(defined - used - set(MACROS))
+    if unused:
+        raise ConfigError(
+            f"macro {', '.join(unused)} is bound but nothing uses it (misspelt?); "
+            f"the harness's macros are {', '.join(MACROS)}"
+        )
 
 
 def _clean(error: Exception, bindings: list[str]) -> str:

@@ -18,6 +18,8 @@ cells and resumes an interrupted one from its checkpoint.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import itertools
 import json
 import re
@@ -100,6 +102,27 @@ def _value_text(value: Any) -> str:
     return str(value).replace("/", "_").replace(" ", "")
 
 
+def pin_axes(grid: Grid, bindings: list[str]) -> tuple[Grid, list[str]]:
+    """A command-line binding of an axis (``--gin_param "SEED=1"``) narrows that axis to its one
+    value; left among the bindings, each cell's own axis binding would override it unseen.
+    Returns the grid and the bindings that are not axes."""
+    axes, rest = dict(grid.axes), []
+    for binding in bindings:
+        name, sep, value = (part.strip() for part in binding.partition("="))
+        if not sep or name not in axes:
+            rest.append(binding)
+            continue
+        try:
+            axes[name] = [ast.literal_eval(value)]
+        except (ValueError, SyntaxError):
+            raise ConfigError(
+                f"--gin_param {binding!r} binds the grid axis {name}, whose values must be "
+                f"literals (a number, a quoted string, a list...)"
+            ) from None
+        print(f"--gin_param {binding!r}: axis {name} {grid.axes[name]} -> {axes[name]}")
+    return dataclasses.replace(grid, axes=axes), rest
+
+
 def expand(grid: Grid) -> list[tuple[dict[str, Any], list[str]]]:
     """The product of the axes: (values, gin bindings) per cell, in a stable order."""
     names = list(grid.axes)
@@ -111,34 +134,56 @@ def expand(grid: Grid) -> list[tuple[dict[str, Any], list[str]]]:
 
 
 def plan_cells(config_files: list[Path], bindings: list[str], grid: Grid) -> list[Cell]:
-    """Parse and validate every cell before any compute; one clear error names the bad cell."""
-    from harness.data import resolve_manifest
-    from methods import RunInfo, build_method
-
+    """Parse and validate every cell, every stage of it, before any compute; one clear error
+    names the bad cell (and stage)."""
     cells, manifests = [], {}
     for values, cell_bindings in expand(grid):
         label = ", ".join(f"{k}={v!r}" for k, v in values.items())
         try:
             config.parse(config_files, [*bindings, *cell_bindings])
             spec = config.resolve()
-            method = build_method(spec.run.method)
             model_cfg = models.model_config(spec.run.model)
-            _check_batch(spec, grid)
-            _check_devices(spec, grid)
-            key = spec.data.manifest
-            if key not in manifests:
-                manifests[key] = resolve_manifest(spec.data)
-            if spec.train.batch_size > manifests[key].split("train").num_samples:
-                raise ConfigError(
-                    f"BATCH_SIZE={spec.train.batch_size} is larger than the training split"
-                )
-            method.stages(RunInfo(spec.train.batch_size, spec.train.train_samples, spec.run.model))
+            digest = config.config_hash(model_cfg, {"world_size": grid.world_size})
+            for stage, stage_spec in _stage_specs(config_files, [*bindings, *cell_bindings]):
+                try:
+                    _check_stage(stage_spec, grid, manifests)
+                except ValueError as e:  # ConfigError, DataError, ModelError...
+                    raise ConfigError(e if stage is None else f"stage {stage!r}: {e}") from None
         except (ConfigError, ValueError) as e:
             raise ConfigError(f"grid cell ({label}): {e}") from None
-        digest = config.config_hash(model_cfg, {"world_size": grid.world_size})
         name = "__".join(f"{_short(k)}={_value_text(v)}" for k, v in values.items()) + f"__{digest}"
         cells.append(Cell(values=values, bindings=cell_bindings, name=name, config_hash=digest))
     return cells
+
+
+def _stage_specs(config_files: list[Path], bindings: list[str]) -> list[tuple[str | None, Any]]:
+    """(stage name, resolved spec) of every stage the cell will run, each with the batch, model
+    and data it will train on (name None for a one-stage method); nothing runs."""
+    from harness.pipeline import plan_runs
+
+    runs = plan_runs(config_files, bindings, out=Path("unused"), shared_root=Path("unused"))
+    specs = []
+    for run in runs:
+        config.parse(config_files, run.bindings)
+        specs.append((run.stage.name if len(runs) > 1 else None, config.resolve()))
+    return specs
+
+
+def _check_stage(spec, grid: Grid, manifests: dict) -> None:
+    """What would stop a stage before or during training: method, model, batch, data, devices."""
+    from harness.data import resolve_manifest
+    from methods import build_method
+
+    build_method(spec.run.method)
+    models.model_config(spec.run.model)
+    _check_batch(spec, grid)
+    _check_devices(spec, grid)
+    key = spec.data.manifest
+    if key not in manifests:
+        manifests[key] = resolve_manifest(spec.data)
+    if spec.train.batch_size > manifests[key].split("train").num_samples:
+        raise ConfigError(f"BATCH_SIZE={spec.train.batch_size} is larger than the training split")
+    manifests[key].split(spec.eval.split)
 
 
 def _check_batch(spec, grid: Grid) -> None:
@@ -298,6 +343,7 @@ def run_sweep(config_file: Path, bindings: list[str], grid: Grid, *, out: Path |
     """Plan, validate, run (or, for SLURM, write scripts for) every cell; then the report."""
     # absolute: cells run with the repository as their working directory, wherever this started
     sweep_dir = (out or Path("sweeps") / Path(config_file).stem).resolve()
+    grid, bindings = pin_axes(grid, bindings)
     cells = plan_cells([config_file], bindings, grid)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_sweep_record(sweep_dir, [config_file], bindings, grid, cells)

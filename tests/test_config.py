@@ -86,6 +86,18 @@ def test_unknown_binding_names_file_and_line(tmp_path, capsys):
     assert code == 2 and "batchsize" in err and "line 2" in err and str(bad) in err
 
 
+def test_a_misspelt_macro_is_refused(capsys):
+    code, err = run_main(capsys, "configs/smoke.gin", "--gin_param", "SEEDS=1")
+    assert code == 2 and "macro SEEDS is bound but nothing uses it" in err and "SEED" in err
+
+
+def test_a_probe_fitted_on_the_test_split_is_refused(capsys):
+    code, err = run_main(
+        capsys, "configs/smoke.gin", "--gin_param", "EvalConfig.probe_split='test'"
+    )
+    assert code == 2 and "EvalConfig.probe_split='test' is the evaluation split" in err
+
+
 def test_unknown_method_lists_registered(capsys):
     code, err = run_main(capsys, "configs/smoke.gin", "--gin_param", "METHOD='clipp'")
     assert code == 2 and "unknown method 'clipp'" in err and "clip" in err

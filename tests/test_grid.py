@@ -13,7 +13,7 @@ import torch
 
 from harness import config
 from harness.config import ConfigError
-from harness.grid import Grid, configured_grid, expand, plan_cells
+from harness.grid import Grid, configured_grid, expand, pin_axes, plan_cells
 from tests.conftest import REPO, run_cli
 
 
@@ -69,11 +69,52 @@ def test_cells_are_named_by_values_and_config_hash(tmp_path, tiny_data):
         ),
         ("{'BATCH_SIZE': [32, 100000]}", {}, "BATCH_SIZE=100000.*larger than the training split"),
         ("{'MODEL': ['micro-vit', 'nope']}", {}, "unknown model 'nope'"),
+        # a later stage's own batch: superclass's LiT readout (64), siclip's teacher (512)
+        (
+            "{'METHOD': ['superclass'], 'BATCH_SIZE': [33]}",
+            {"nproc_per_node": 3, "extra": "RunConfig.device = 'cpu'"},
+            "METHOD='superclass'.*stage 'lit': BATCH_SIZE=64 is not divisible.*\\(3\\)",
+        ),
+        (
+            "{'METHOD': ['siclip'], 'BATCH_SIZE': [32]}",
+            {"extra": "siclip.teacher_model = 'micro-vit-teacher'"},
+            "stage 'teacher': BATCH_SIZE=512 is larger than the training split",
+        ),
     ],
 )
 def test_every_cell_is_validated_before_any_runs(tmp_path, tiny_data, axes, grid_kwargs, message):
     with pytest.raises(ConfigError, match=message):
         planned(tmp_path, tiny_data, axes, **grid_kwargs)
+
+
+def test_a_misspelt_axis_macro_is_refused_before_any_run(tmp_path, tiny_data):
+    with pytest.raises(ConfigError, match=r"SEEDS=1.*macro SEEDS is bound but nothing uses it"):
+        planned(tmp_path, tiny_data, "{'SEEDS': [1]}")
+
+
+def test_a_command_line_binding_of_an_axis_narrows_it(tmp_path, tiny_data, capsys):
+    """README: `--gin_param "SEED=1"` on a grid with `'SEED': [0]` runs seed 1, not seed 0."""
+    grid = Grid(
+        axes={"METHOD": ["clip", "superclip"], "SEED": [0], "TrainConfig.lr_rule": ["none"]}
+    )
+    pinned, rest = pin_axes(
+        grid, ["SEED=1", "DATA='x'", "TrainConfig.lr_rule = 'sqrt'", "METHOD=['clip']"]
+    )
+    assert pinned.axes == {"METHOD": [["clip"]], "SEED": [1], "TrainConfig.lr_rule": ["sqrt"]}
+    assert rest == ["DATA='x'"]
+    assert "axis SEED [0] -> [1]" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"SEED=%OTHER.*literals"):
+        pin_axes(grid, ["SEED=%OTHER"])
+    path = write_grid(tmp_path, "{'BATCH_SIZE': [32], 'SEED': [0]}")
+    config.parse([path], [f"DATA='{tiny_data}'", "SEED=1"])
+    (cell,) = plan_cells(
+        [path], *reversed(pin_axes(configured_grid(), ["SEED=1", f"DATA='{tiny_data}'"]))
+    )
+    assert cell.values == {"BATCH_SIZE": 32, "SEED": 1} and cell.name.startswith(
+        "batch_size=32__seed=1__"
+    )
+    config.parse([path], [f"DATA='{tiny_data}'", *cell.bindings])
+    assert config.resolve().train.seed == 1
 
 
 def test_adding_seeds_or_batches_keeps_the_cells_already_planned(tmp_path, tiny_data):
