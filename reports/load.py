@@ -40,6 +40,20 @@ def main_stage(stages: list[Stage]) -> Stage:
     return next((s for s in stages if not s.shared), stages[-1])
 
 
+# The axes every report table is laid out on; any other axis (a learning-rate rule, a model)
+# makes variants of a method, each its own row, compared with clip's run of the same variant.
+TABLE_AXES = ("METHOD", "BATCH_SIZE", "SEED")
+
+
+def variant_of(values: dict[str, Any]) -> str:
+    """The cell's values on axes other than method, batch and seed ('' when there are none)."""
+    return ", ".join(f"{k}={v!r}" for k, v in values.items() if k not in TABLE_AXES)
+
+
+def row_label(method: str, variant: str) -> str:
+    return f"{method} ({variant})" if variant else method
+
+
 @dataclass
 class CellResult:
     name: str
@@ -49,6 +63,15 @@ class CellResult:
     seed: int
     stages: list[Stage]
     per_query: dict = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        return variant_of(self.values)
+
+    @property
+    def row(self) -> str:
+        """The report row: the method, and its variant when the sweep has other axes."""
+        return row_label(self.method, self.variant)
 
     @property
     def final(self) -> Stage:
@@ -79,6 +102,22 @@ class Sweep:
         axis = self.record.get("axes", {}).get("METHOD")
         seen = axis or []
         return list(dict.fromkeys([*seen, *(c.method for c in self.cells)]))
+
+    @property
+    def rows(self) -> list[str]:
+        """Report rows in axis order: every variant's methods, the variants in cell order."""
+        variants = list(dict.fromkeys(c.variant for c in self.cells))
+        return [
+            row_label(m, v)
+            for v in variants
+            for m in self.methods
+            if any(c.method == m and c.variant == v for c in self.cells)
+        ]
+
+    def baseline_row(self, row: str, baseline: str) -> str:
+        """The row of ``baseline`` (clip) with the same variant as ``row``."""
+        variant = next(c.variant for c in self.cells if c.row == row)
+        return row_label(baseline, variant)
 
     @property
     def batches(self) -> list[int]:

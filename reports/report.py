@@ -81,9 +81,10 @@ def slope(cells: list[CellResult], metric: str) -> stats.Slope | None:
 
 
 def grouped(sweep: Sweep) -> dict[tuple[str, int], list[CellResult]]:
+    """Cells by (report row, batch): only seeds are pooled, never other axes' values."""
     groups: dict[tuple[str, int], list[CellResult]] = defaultdict(list)
     for cell in sweep.cells:
-        groups[(cell.method, cell.batch)].append(cell)
+        groups[(cell.row, cell.batch)].append(cell)
     return groups
 
 
@@ -133,8 +134,8 @@ def _num(value: Any, digits: int = 1) -> str:
 def metric_section(sweep: Sweep, metric: str, title: str, groups) -> tuple[str, dict]:
     header = ["method", *[f"b={b}" for b in sweep.batches], "slope / batch doubling"]
     rows, numbers = [], {}
-    for method in sweep.methods:
-        cells = [c for c in sweep.cells if c.method == method]
+    for method in sweep.rows:
+        cells = [c for c in sweep.cells if c.row == method]
         ests = [estimate(groups.get((method, b), []), metric) for b in sweep.batches]
         s = slope(cells, metric)
         rows.append([method, *[fmt_estimate(e) for e in ests], fmt_slope(s)])
@@ -153,12 +154,13 @@ def metric_section(sweep: Sweep, metric: str, title: str, groups) -> tuple[str, 
 def gap_slope(sweep: Sweep, groups, method: str, metric: str) -> stats.GapSlope | None:
     """Does the method's advantage over clip change with the batch? Slope of the paired gap
     against log2(batch): across seeds when there are several, else a bootstrap over images."""
+    baseline = sweep.baseline_row(method, BASELINE)
     if len(sweep.seeds) >= 2:
         xs, ms, bs = [], [], []
         for b in sweep.batches:
             base = {
                 c.seed: c
-                for c in groups.get((BASELINE, b), [])
+                for c in groups.get((baseline, b), [])
                 if c.finished and metric in c.final.metrics
             }
             for c in groups.get((method, b), []):
@@ -170,7 +172,7 @@ def gap_slope(sweep: Sweep, groups, method: str, metric: str) -> stats.GapSlope 
     pairs = {}
     for b in sweep.batches:
         mine = [c for c in groups.get((method, b), []) if c.finished and c.per_query]
-        base = [c for c in groups.get((BASELINE, b), []) if c.finished and c.per_query]
+        base = [c for c in groups.get((baseline, b), []) if c.finished and c.per_query]
         if mine and base:
             pairs[b] = (
                 stats.Queries.from_json(mine[0].per_query),
@@ -195,11 +197,12 @@ def comparison_section(sweep: Sweep, groups) -> tuple[str, dict]:
     for metric in COMPARED:
         header = ["method", *[f"b={b}" for b in sweep.batches], "gap slope / batch doubling"]
         rows = []
-        for method in sweep.methods:
-            if method == BASELINE:
+        for method in sweep.rows:
+            baseline = sweep.baseline_row(method, BASELINE)
+            if method == baseline:
                 continue
             comps = [
-                compare(groups.get((method, b), []), groups.get((BASELINE, b), []), metric)
+                compare(groups.get((method, b), []), groups.get((baseline, b), []), metric)
                 for b in sweep.batches
             ]
             trend = gap_slope(sweep, groups, method, metric)
@@ -226,7 +229,8 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
         "corrupt samples",
     ]
     rows = []
-    for method in sweep.methods:
+    world = int(sweep.record.get("world_size", 1))  # samples/s are global, the peak per device
+    for method in sweep.rows:
         for b in sweep.batches:
             cells = [c for c in groups.get((method, b), []) if c.main.throughput]
             if not cells:
@@ -234,7 +238,7 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
             t = _median_dict([c.main.throughput for c in cells])
             flops = cells[0].main.costs.get("train_flops_per_sample")
             achieved = flops * t["samples_per_s"] if flops and t.get("samples_per_s") else None
-            mfu = f"{100 * achieved / peak:.1f}%" if achieved and peak else "n/a"
+            mfu = f"{100 * achieved / (peak * world):.1f}%" if achieved and peak else "n/a"
             rows.append([
                 method, str(b), _num(t.get("samples_per_s"), 0), _num(t.get("step_time_ms_median")),
                 f"{100 * t.get('data_wait_fraction', float('nan')):.0f}%", _num(t.get("peak_memory_mb"), 0),
@@ -260,8 +264,8 @@ def cost_section(sweep: Sweep) -> str:
               "train GFLOP/sample", "inference MFLOP/image"]  # fmt: skip
     rows = []
     smallest = min(sweep.batches) if sweep.batches else None
-    for method in sweep.methods:
-        cell = next((c for c in sweep.cells if c.method == method and c.batch == smallest), None)
+    for method in sweep.rows:
+        cell = next((c for c in sweep.cells if c.row == method and c.batch == smallest), None)
         if cell is None:
             continue
         for st in cell.stages:
@@ -286,7 +290,7 @@ def stage_metrics_section(sweep: Sweep) -> str:
                 continue
             seen.add(st.run_dir)
             m = st.metrics
-            rows.append([cell.method, st.name, str(st.run.get("train", {}).get("batch_size", "?")),
+            rows.append([cell.row, st.name, str(st.run.get("train", {}).get("batch_size", "?")),
                          _num(m.get("i2t_r1")), _num(m.get("t2i_r1")), _num(m.get("zeroshot_mean_top1")),
                          _num(m.get("linprobe_mean_top1"))])  # fmt: skip
     if not rows:

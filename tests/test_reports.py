@@ -59,28 +59,28 @@ def write_run(folder, *, method, batch, seed, metrics, status="finished", per_qu
         (folder / name).write_text(json.dumps(payload))
 
 
-def write_sweep(root, cells):
+def write_sweep(root, cells, world_size=1):
+    """``cells``: (method, batch, seed, metrics[, write_run options]); an option ``axes`` adds
+    the cell's values on other grid axes."""
     entries = []
     for method, batch, seed, metrics, *rest in cells:
-        name = f"method={method}__batch_size={batch}__seed={seed}__h"
+        options = dict(rest[0]) if rest else {}
+        extra = options.pop("axes", {})
+        suffix = "".join(f"__{k}={v}" for k, v in extra.items())
+        name = f"method={method}__batch_size={batch}__seed={seed}{suffix}__h"
         write_run(
-            root / "cells" / name,
-            method=method,
-            batch=batch,
-            seed=seed,
-            metrics=metrics,
-            **(rest[0] if rest else {}),
+            root / "cells" / name, method=method, batch=batch, seed=seed, metrics=metrics, **options
         )
         entries.append(
             {
                 "name": name,
-                "values": {"METHOD": method, "BATCH_SIZE": batch, "SEED": seed},
+                "values": {"METHOD": method, "BATCH_SIZE": batch, "SEED": seed, **extra},
                 "dir": str(root / "cells" / name),
             }
         )
     record = {"axes": {"METHOD": ["clip", "superclip"]}, "cells": entries, "git_commit": "abc123",
-              "packages": {"torch": "2.14.1"}, "world_size": 1, "bindings": [], "device_peak_flops": 1e11,
-              "device_peak_how": "measured fp32 matmul"}  # fmt: skip
+              "packages": {"torch": "2.14.1"}, "world_size": world_size, "bindings": [],
+              "device_peak_flops": 1e11, "device_peak_how": "measured fp32 matmul"}  # fmt: skip
     (root / "sweep.json").write_text(json.dumps(record))
     return root
 
@@ -277,3 +277,40 @@ def test_a_readout_stage_at_another_batch_keeps_the_cell_at_its_own_batch(tmp_pa
     throughput = text[text.index("| method | batch | samples/s") : text.index("## Parameters")]
     assert "| superclass | 512 | 2,263 |" in throughput  # stage 1's: 100 * sqrt(512)
     assert "| 7 |" not in throughput  # not the LiT stage's
+
+
+def test_mfu_divides_global_throughput_by_every_device(tmp_path):
+    cells = [(m, 32, 0, {"i2t_r1": 10.0}) for m in ("clip", "superclip")]
+    report = build_report(write_sweep(tmp_path / "sweep", cells, world_size=4)).read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| clip | 32 |"))
+    assert f"| {100 * 2e9 * 100 * 32**0.5 / (4 * 1e11):.1f}% |" in row
+
+
+def test_cells_of_another_axis_are_rows_of_their_own_never_pooled(tmp_path):
+    """A learning-rate rule axis: each rule's method is its own row, compared with clip's run
+    under the same rule; pooled, the two single runs would look like two seeds."""
+    rule = "TrainConfig.lr_rule"
+    score = {("clip", "none"): 10.0, ("clip", "sqrt"): 20.0,
+             ("superclip", "none"): 13.0, ("superclip", "sqrt"): 19.0}  # fmt: skip
+    cells = [
+        (
+            m,
+            32,
+            0,
+            {"i2t_r1": v},
+            {"axes": {rule: r}, "per_query": per_query(100, [i < v for i in range(100)])},
+        )
+        for (m, r), v in score.items()
+    ]
+    sweep = write_sweep(tmp_path / "sweep", cells)
+    report = build_report(sweep).read_text()
+    numbers = json.loads((sweep / "report.json").read_text())
+    rows = {m for m in numbers["metrics"]["i2t_r1"]}
+    assert rows == {f"{m} ({rule}={r!r})" for m, r in score}
+    for (m, r), v in score.items():
+        assert numbers["metrics"]["i2t_r1"][f"{m} ({rule}={r!r})"]["by_batch"]["32"]["mean"] == v
+    diffs = {k: c["32"]["diff"] for k, c in numbers["comparisons"]["i2t_r1"].items()}
+    assert diffs == pytest.approx(
+        {f"superclip ({rule}='none')": 3.0, f"superclip ({rule}='sqrt')": -1.0}, abs=1e-9
+    )
+    assert f"| clip ({rule}='sqrt') | 32 |" in report
