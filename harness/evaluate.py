@@ -126,6 +126,7 @@ class _Embedded:
     owner: torch.Tensor
     probe: torch.Tensor
     labels: torch.Tensor
+    corrupt: int  # samples the reader skipped as unreadable
 
 
 def _probe_features(method, model, images, embedding=None) -> torch.Tensor:
@@ -138,8 +139,9 @@ def _probe_features(method, model, images, embedding=None) -> torch.Tensor:
 @torch.no_grad()
 def _embed_split(method, model, loader, device, with_text: bool) -> _Embedded:
     images, texts, owners, probes, labels = [], [], [], [], []
-    offset = 0
+    offset = corrupt = 0
     for batch in loader:
+        corrupt += int(batch["corrupt"])
         batch = prepare_batch(batch, device)
         image = method.embed_images(model, batch["image"]).float().cpu()
         images.append(image)
@@ -155,6 +157,7 @@ def _embed_split(method, model, loader, device, with_text: bool) -> _Embedded:
         owner=torch.cat(owners),
         probe=torch.cat(probes),
         labels=torch.cat(labels),
+        corrupt=corrupt,
     )
 
 
@@ -202,6 +205,7 @@ def evaluate(
     metrics: dict[str, float] = {
         "num_test_images": float(test.image.shape[0]),
         "num_test_captions": float(test.owner.shape[0]),
+        "num_test_corrupt": float(test.corrupt),  # skipped: the metrics are over the rest
     }
     per_query: dict[str, list[int]] = {}
     if with_text:

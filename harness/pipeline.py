@@ -135,6 +135,8 @@ def run_pipeline(
                         "name": r.stage.name,
                         "run_dir": os.path.relpath(r.run_dir, out),
                         "shared": r.stage.shared,
+                        # gin parameter -> the stage it names: lets a moved run be re-evaluated
+                        "inputs": dict(r.stage.inputs),
                     }
                     for r in runs
                 ]

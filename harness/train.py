@@ -222,7 +222,15 @@ def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:
     if dist.is_main:
         throughput["corrupt_samples"] = trainer.state.corrupt_samples
         write_json_atomic(run_dir / "throughput.json", throughput)
-        metrics = _evaluate(b, trainer.model, run_dir)
+        try:
+            metrics = _evaluate(b, trainer.model, run_dir)
+        except Exception as e:  # trained and checkpointed: `python -m harness.evaluate` can redo it
+            reason = f"evaluation: {type(e).__name__}: {e}"
+            tail = traceback.format_exc().splitlines()[-12:]
+            _record_failure(
+                run_dir, dist, "failed", reason, step=trainer.state.step, traceback=tail
+            )
+            raise
         rundir.write_status(run_dir, rundir.FINISHED, step=trainer.state.step)
         print(json.dumps({k: round(v, 2) for k, v in metrics.items()}, indent=1))
     distributed.barrier()
@@ -244,12 +252,17 @@ def _evaluate(b: Built, model: torch.nn.Module, run_dir: Path) -> dict[str, floa
 
 
 def evaluate_run_dir(run_dir: str | Path, *, device: str = "auto") -> dict[str, float]:
-    """Rebuild model and method from a run directory alone, load its checkpoint, evaluate."""
-    run_dir = Path(run_dir)
+    """Rebuild model and method from a run directory alone, load its checkpoint, evaluate.
+
+    A multi-stage directory (a grid cell) evaluates its last stage, the method's result.
+    """
+    from harness.grid import final_run_dir
+
+    run_dir = final_run_dir(Path(run_dir))
     record = rundir.read_json(run_dir / "run.json")
     if record is None or not (run_dir / "operative_config.gin").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no run.json / operative_config.gin)")
-    config.parse([run_dir / "operative_config.gin"], trusted=False)
+    config.parse([run_dir / "operative_config.gin"], earlier_stages_now(run_dir), trusted=False)
     spec = config.resolve()
     dist = distributed.init(device)
     method = build_method(record["method"])
@@ -263,3 +276,13 @@ def evaluate_run_dir(run_dir: str | Path, *, device: str = "auto") -> dict[str, 
     manifest = resolve_manifest(data)
     b = Built(spec, method, record["model_config"], manifest, dist)
     return _evaluate(b, model, run_dir)
+
+
+def earlier_stages_now(run_dir: Path) -> list[str]:
+    """Bindings of a stage's inputs (superclass.init_from, siclip.teacher) to where the stages
+    they name are now, from the ``stages.json`` beside it: its operative config holds the
+    absolute paths they had when it ran, which a moved or copied sweep no longer has."""
+    stages = (rundir.read_json(run_dir.parent / "stages.json") or {}).get("stages", [])
+    where = {s["name"]: (run_dir.parent / s["run_dir"]).resolve() for s in stages}
+    me = next((s for s in stages if where[s["name"]] == run_dir.resolve()), {})
+    return [f"{param} = '{where[source]}'" for param, source in me.get("inputs", {}).items()]

@@ -196,35 +196,40 @@ def test_bad_fault_spec_is_a_config_error(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, tiny_data):
+def copy_with_broken_pngs(tiny_data, data, split: str) -> int:
+    """A copy of the dataset whose first ``split`` shard has every 10th PNG truncated
+    (undecodable); returns how many were broken."""
     import io
     import tarfile
+    from dataclasses import replace
 
     from harness.manifest import load_manifest, save_manifest, sha256_file
 
-    data = tmp_path / "data"
     shutil.copytree(tiny_data.parent, data)
     manifest = load_manifest(data)
-    shard = manifest.splits["train"].shards[0]
-    members = []
+    shard = manifest.splits[split].shards[0]
+    members, broken = [], 0
     with tarfile.open(data / shard.path) as tar:
         for m in tar.getmembers():
             payload = tar.extractfile(m).read()
             if m.name.endswith(".png") and int(m.name.split(".")[0]) % 10 == 0:
-                payload = payload[:40]  # a truncated PNG: undecodable
+                payload, broken = payload[:40], broken + 1  # a truncated PNG: undecodable
             members.append((m.name, payload))
     with tarfile.open(data / shard.path, "w") as tar:
         for name, payload in members:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    from dataclasses import replace
-
     new_shard = replace(shard, sha256=sha256_file(data / shard.path))
-    train = replace(
-        manifest.splits["train"], shards=[new_shard, *manifest.splits["train"].shards[1:]]
-    )
-    save_manifest(replace(manifest, splits={**manifest.splits, "train": train}), data)
+    shards = [new_shard, *manifest.splits[split].shards[1:]]
+    splits = {**manifest.splits, split: replace(manifest.splits[split], shards=shards)}
+    save_manifest(replace(manifest, splits=splits), data)
+    return broken
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, tiny_data):
+    data = tmp_path / "data"
+    copy_with_broken_pngs(tiny_data, data, "train")
 
     out = tmp_path / "run"
     done = subprocess.run(
@@ -248,3 +253,43 @@ def test_a_missing_teacher_checkpoint_is_refused_before_any_work(tiny_data, tmp_
     assert done.returncode == 2
     assert "no/such/run' is not a run directory of this harness" in done.stderr
     assert "In call to configurable" not in done.stderr and not out.exists()
+
+
+def test_corrupt_test_samples_are_skipped_and_counted_by_the_evaluator(tmp_path, tiny_data):
+    from harness import models
+    from harness.config import EvalConfig
+    from harness.evaluate import evaluate
+    from harness.manifest import load_manifest
+    from tests.dist_utils import build
+
+    data = tmp_path / "data"
+    broken = copy_with_broken_pngs(tiny_data, data, "test")
+    manifest = load_manifest(data)
+    cfg = models.model_config("micro-vit")
+    step = build("clip", cfg, [])
+    metrics, _ = evaluate(
+        step.method, step.model, manifest, EvalConfig(batch_size=16, probe_train_samples=0),
+        image_size=models.image_size(cfg), context_length=models.context_length(cfg),
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    total = manifest.splits["test"].num_samples
+    assert broken > 0 and metrics["num_test_corrupt"] == broken
+    assert metrics["num_test_images"] == total - broken
+
+
+def test_a_failed_evaluation_is_recorded_not_left_running(tmp_path, tiny_data, monkeypatch):
+    from harness import train
+    from harness.pipeline import run_pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no test split today")
+
+    monkeypatch.setattr(train, "_evaluate", broken)
+    bindings = [f"DATA='{tiny_data}'", "MODEL='micro-vit'", "TRAIN_SAMPLES=64",
+                "TrainConfig.progress_bar=False"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="no test split today"):
+        run_pipeline([REPO / "configs/smoke.gin"], bindings, out=tmp_path / "run")
+    status = read(tmp_path / "run" / "status.json")
+    assert status["status"] == "failed" and status["step"] == 2
+    assert status["reason"] == "evaluation: RuntimeError: no test split today"
+    assert checkpoint.latest(tmp_path / "run").exists()  # the trained weights are kept

@@ -455,3 +455,15 @@ def test_teacher_stage_is_reused_not_retrained(tiny_data, tmp_path):
     metrics = json.loads((second / "eval.json").read_text())
     (second / "eval.json").unlink()
     assert evaluate_run_dir(second) == pytest.approx(metrics)  # rebuilt from the run dir alone
+
+    # moved, student and shared teacher together: the cell's directory is evaluated, its
+    # student rebuilt with the teacher where it is now (its config names the old location)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("b", "shared"):
+        (tmp_path / name).rename(elsewhere / name)
+    assert not teacher_dir.exists()
+    assert evaluate_run_dir(elsewhere / "b") == pytest.approx(metrics)
+    assert json.loads((elsewhere / "b" / second.name / "eval.json").read_text()) == pytest.approx(
+        metrics
+    )
