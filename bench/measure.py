@@ -1,5 +1,6 @@
 """Measuring tools shared by the benchmarks: clocks with device synchronisation, step-time
-statistics, NVML sampling and the machine description written into every result.
+statistics and the machine description written into every result (NVML sampling lives in
+``harness.metrics``: training runs use it too).
 
 Nothing here invents a number: where a quantity cannot be measured (GPU utilisation on a CPU
 run, NVML missing) the value is ``None`` and the reason is recorded next to it ("n/a" in tables).
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,88 +47,6 @@ def summarise_ms(seconds: list[float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- NVML
-
-
-class NvmlSampler:
-    """GPU utilisation and memory sampled by a background thread while the steps run.
-
-    ``result()`` is {"gpu_util_mean_pct", "gpu_util_max_pct", "gpu_mem_used_max_mb", "samples",
-    "nvml"}; on a CPU run, or when NVML cannot be used, every value is None and "nvml" says why.
-    """
-
-    def __init__(self, device: torch.device, interval_s: float = 0.05):
-        self.device, self.interval_s = device, interval_s
-        self.util: list[int] = []
-        self.mem: list[int] = []
-        self.reason: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._nvml = None
-        self._handle = None
-
-    def start(self) -> None:
-        if self.device.type != "cuda":
-            self.reason = "no GPU (CPU run)"
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = _nvml_handle(pynvml, self.device)
-        except Exception as e:  # NVML missing or the device not found: say so, never guess
-            self.reason = f"NVML unavailable: {type(e).__name__}: {e}"
-            return
-        self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:  # at least one sample, however short the timed steps
-            try:
-                self.util.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
-                self.mem.append(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
-            except Exception as e:
-                self.reason = f"NVML query failed: {type(e).__name__}: {e}"
-                return
-            if self._stop.wait(self.interval_s):
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._nvml is not None:
-            self._nvml.nvmlShutdown()
-            self._nvml = None
-
-    def result(self) -> dict[str, Any]:
-        if not self.util:
-            return {
-                "gpu_util_mean_pct": None,
-                "gpu_util_max_pct": None,
-                "gpu_mem_used_max_mb": None,
-                "samples": 0,
-                "nvml": self.reason or "no samples taken",
-            }
-        return {
-            "gpu_util_mean_pct": statistics.fmean(self.util),
-            "gpu_util_max_pct": max(self.util),
-            "gpu_mem_used_max_mb": max(self.mem) / 2**20,
-            "samples": len(self.util),
-            "nvml": self.reason or f"sampled every {self.interval_s * 1000:.0f} ms",
-        }
-
-
-def _nvml_handle(pynvml, device: torch.device):
-    """The NVML handle of ``device``: by UUID (robust to CUDA_VISIBLE_DEVICES), else by index."""
-    props = torch.cuda.get_device_properties(device)
-    uuid = getattr(props, "uuid", None)
-    if uuid is not None:
-        try:
-            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        except pynvml.NVMLError:
-            pass
-    return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
 
 
 # ---------------------------------------------------------------- the machine

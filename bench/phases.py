@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.measure import NvmlSampler, now, summarise_ms
+from bench.measure import now, summarise_ms
 from harness.data import prepare_batch, train_loader
-from harness.metrics import PeakMemory
+from harness.metrics import NvmlSampler, PeakMemory
 from harness.trainer import Trainer
 
 PHASES = (

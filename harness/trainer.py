@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from harness import checkpoint, distributed, faults
 from harness.data import DataConfig, prepare_batch, train_loader
 from harness.distributed import DistInfo
 from harness.manifest import Manifest
-from harness.metrics import MetricsLogger, PeakMemory
+from harness.metrics import MetricsLogger, NvmlSampler, PeakMemory
 from methods.base import Method
 
 LR_RULES = ("none", "linear", "sqrt")
@@ -345,8 +346,8 @@ class Trainer:
             total=cfg.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
             disable=not (self.dist.is_main and cfg.progress_bar), desc=self.method.name,
         )  # fmt: skip
-        timing = _Timing()
-        with self._signals():
+        timing = _Timing(self.dist.device)
+        with self._signals(), timing:
             while self.state.step < cfg.total_steps:
                 t0 = time.perf_counter()
                 batch = next(loader)
@@ -373,11 +374,12 @@ class Trainer:
                         done = self.clock.agree() >= 1.0
                 if (ckpt_every and self.state.step % ckpt_every == 0) or done:
                     self._check_finite(bad_step)
-                    self.save_checkpoint()
+                    with timing.paused():  # checkpoint I/O is not step time
+                        self.save_checkpoint()
                 if done:
                     break
         bar.close()
-        return timing.summary(cfg.batch_size, self.dist.device)
+        return timing.summary(cfg.batch_size)
 
     def _one_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = self._forward(batch)
@@ -473,20 +475,40 @@ class _Meter:
 
 
 class _Timing:
-    """Host-side step timing. Interval means are exact once the log step has synchronised."""
+    """Host-side step timing, with the run's peak memory and NVML sampling (a context manager:
+    both start on entry). Interval means are exact once the log step has synchronised."""
 
     WARMUP_INTERVALS = 1  # the first logged interval (compilation, allocator warm-up) is excluded
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.data = 0.0
         self.steps = 0
         self.start = time.perf_counter()
         self.intervals: list[dict[str, float]] = []
-        self.total_data = 0.0
+        self.peak = PeakMemory(device)
+        self.gpu = NvmlSampler(device)
+
+    def __enter__(self) -> _Timing:
+        self.peak.reset()  # cost counting's forward and backward ran before: not this run's peak
+        self.gpu.start()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gpu.stop()
 
     def add(self, data_s: float, step_s: float) -> None:
         self.data += data_s
         self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is left out of the current interval."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
 
     def flush_interval(self) -> dict[str, float]:
         now = time.perf_counter()
@@ -502,23 +524,27 @@ class _Timing:
         self.start, self.data, self.steps = now, 0.0, 0
         return interval
 
-    def summary(self, batch_size: int, device: torch.device) -> dict[str, Any]:
+    def summary(self, batch_size: int) -> dict[str, Any]:
         kept = self.intervals[self.WARMUP_INTERVALS :] or self.intervals
         steps = sum(i["steps"] for i in kept)
         wall = sum(i["wall_s"] for i in kept)
-        step_ms = sorted(i["step_ms"] for i in kept)
-        summary = {
+        step_ms = [i["step_ms"] for i in kept]
+        nan = float("nan")
+        quantiles = statistics.quantiles(step_ms, n=10, method="inclusive") if len(kept) > 1 else []
+        return {
             "samples_per_s": batch_size * steps / max(wall, 1e-9),
-            "step_time_ms_median": step_ms[len(step_ms) // 2] if step_ms else float("nan"),
+            "step_time_ms_median": statistics.median(step_ms) if step_ms else nan,
+            "step_time_ms_p10": quantiles[0] if quantiles else None,  # one interval: no spread
+            "step_time_ms_p90": quantiles[-1] if quantiles else None,
             "data_wait_fraction": sum(i["data_ms"] * i["steps"] for i in kept)
             / max(1e-9, 1000 * wall),
             "measured_steps": steps,
-            "timing": "interval means between log steps (host clock, synchronised at each log)",
+            "timing": "means of the intervals between log steps (host clock, synchronised at "
+            "each log; the first interval and checkpoint writes left out)",
+            "peak_memory_mb": self.peak.peak_mb(),
+            "memory_kind": self.peak.kind,
+            **{k if k.startswith("gpu_") else f"gpu_{k}": v for k, v in self.gpu.result().items()},
         }
-        peak = PeakMemory(device)
-        summary["peak_memory_mb"] = peak.peak_mb()
-        summary["memory_kind"] = peak.kind
-        return summary
 
 
 def config_record(config: TrainConfig) -> dict[str, Any]:

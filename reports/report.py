@@ -221,9 +221,10 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
         "method",
         "batch",
         "samples/s",
-        "step (ms)",
+        "step ms median [p10, p90]",
         "data wait",
         "peak mem (MB)",
+        "GPU util % (NVML)",
         "train GFLOP/sample",
         "MFU",
         "corrupt samples",
@@ -240,14 +241,27 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
             achieved = flops * t["samples_per_s"] if flops and t.get("samples_per_s") else None
             mfu = f"{100 * achieved / (peak * world):.1f}%" if achieved and peak else "n/a"
             rows.append([
-                method, str(b), _num(t.get("samples_per_s"), 0), _num(t.get("step_time_ms_median")),
+                method, str(b), _num(t.get("samples_per_s"), 0), _step_ms(t),
                 f"{100 * t.get('data_wait_fraction', float('nan')):.0f}%", _num(t.get("peak_memory_mb"), 0),
+                _num(t.get("gpu_util_mean_pct"), 0),
                 _num(flops / 1e9 if flops else None, 3), mfu, str(int(t.get("corrupt_samples", 0))),
             ])  # fmt: skip
     return table(header, rows) + (
         "\n\nEach row is the stage that trains the method's objective at that batch (superclass: "
-        "stage 1, not its LiT readout; siclip: the student, its teacher's forward included)."
+        "stage 1, not its LiT readout; siclip: the student, its teacher's forward included). "
+        "Step times are means over the intervals between log steps (the device synchronised at "
+        "each), the first interval and checkpoint writes left out; median and p10/p90 over those "
+        "intervals. GPU utilisation is NVML's, sampled while the run trained (n/a without a GPU). "
+        "Per-phase times and the loader-only figure come from `python -m bench.throughput`, which "
+        "synchronises between phases: training does not pay for that."
     )
+
+
+def _step_ms(t: dict) -> str:
+    spread = (t.get("step_time_ms_p10"), t.get("step_time_ms_p90"))
+    if any(v is None or math.isnan(v) for v in spread):
+        return _num(t.get("step_time_ms_median"))
+    return f"{_num(t.get('step_time_ms_median'))} [{_num(spread[0])}, {_num(spread[1])}]"
 
 
 def _median_dict(dicts: list[dict]) -> dict:

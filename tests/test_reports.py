@@ -40,6 +40,9 @@ def write_run(folder, *, method, batch, seed, metrics, status="finished", per_qu
         "throughput.json": {
             "samples_per_s": 100.0 * batch**0.5,
             "step_time_ms_median": 5.0,
+            "step_time_ms_p10": 4.0,
+            "step_time_ms_p90": 6.5,
+            "gpu_util_mean_pct": None,  # a CPU run
             "data_wait_fraction": 0.1,
             "peak_memory_mb": 900,
         },
@@ -146,6 +149,9 @@ def test_report_sections_plots_and_provenance(seeded_sweep):
     )
     row = next(line for line in report.splitlines() if line.startswith("| clip | 32 |"))
     assert header.count("|") == row.count("|") and "corrupt samples" in header
+    assert "| 5.0 [4.0, 6.5] |" in row and "GPU util % (NVML)" in header
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[header.split("|").index(" GPU util % (NVML) ")] == "n/a"
 
 
 def per_query(n_images, hits):

@@ -31,6 +31,10 @@ def test_smoke_run_then_standalone_evaluator(tiny_data, tmp_path):
     assert json.loads((out / "status.json").read_text())["status"] == "finished"
     trained = json.loads((out / "eval.json").read_text())
     assert {"i2t_r1", "t2i_r10", "zeroshot_mean_top1", "linprobe_mean_top1"} <= set(trained)
+    speed = json.loads((out / "throughput.json").read_text())
+    p10, median, p90 = (speed[f"step_time_ms_{q}"] for q in ("p10", "median", "p90"))
+    assert 0 < p10 <= median <= p90 and speed["samples_per_s"] > 0
+    assert speed["gpu_util_mean_pct"] is None and speed["gpu_nvml"] == "no GPU (CPU run)"
     ranks = json.loads((out / "eval_ranks.json").read_text())
     assert len(ranks["i2t_rank"]) == 60 and len(ranks["t2i_rank"]) == 180
 
