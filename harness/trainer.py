@@ -316,11 +316,15 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         state = checkpoint.load(path, map_location=self.dist.device)
-        if state.get("batch_size") != self.config.batch_size:
-            raise checkpoint.CheckpointError(
-                f"{path}: saved with batch_size={state.get('batch_size')}, "
-                f"this run has batch_size={self.config.batch_size}"
-            )
+        # another world size splits the data across ranks differently: not the same run either
+        for key, now in (
+            ("batch_size", self.config.batch_size),
+            ("world_size", self.dist.world_size),
+        ):
+            if state.get(key) != now:
+                raise checkpoint.CheckpointError(
+                    f"{path}: saved with {key}={state.get(key)}, this run has {key}={now}"
+                )
         checkpoint.load_state_strict(self.model, state["model"], "model")
         checkpoint.load_state_strict(self.method, state["method"], "method state")
         self.optimizer.load_state_dict(state["optimizer"])

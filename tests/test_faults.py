@@ -164,6 +164,18 @@ def test_an_incompatible_checkpoint_is_refused_with_what_differs(
     assert done.returncode == 2 and re.search(message, done.stderr), done.stderr[-1500:]
 
 
+def test_a_checkpoint_of_another_world_size_is_refused(stopped_run, tiny_data, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(stopped_run, out)
+    (out / "config.gin").unlink()  # the checkpoint itself is checked
+    state = checkpoint.load(checkpoint.latest(out))
+    checkpoint.save(checkpoint.latest(out), {**state, "world_size": 2})
+    argv = [*smoke(out, tiny_data), "--resume"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-1500:]
+    assert "saved with world_size=2, this run has world_size=1" in done.stderr
+
+
 def test_resuming_without_resume_flag_is_refused(stopped_run, tiny_data):
     done = subprocess.run(
         smoke(stopped_run, tiny_data), cwd=REPO, capture_output=True, text=True, timeout=300
