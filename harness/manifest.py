@@ -110,12 +110,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=False))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=False)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

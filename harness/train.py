@@ -21,7 +21,7 @@ from harness.costs import count_costs
 from harness.data import resolve_manifest
 from harness.distributed import DistInfo
 from harness.evaluate import evaluate
-from harness.manifest import Manifest, write_json_atomic
+from harness.manifest import Manifest, write_json_atomic, write_text_atomic
 from harness.trainer import Diverged, Interrupted, Trainer, autocast, config_record
 from methods import Method, RunInfo, build_method, other_methods
 
@@ -86,8 +86,8 @@ def prepare_run_dir(run_dir: Path, *, resume: bool) -> bool:
 
 
 def write_provenance(run_dir: Path, b: Built, derived: dict[str, Any]) -> None:
-    (run_dir / "operative_config.gin").write_text(config.operative_config())
-    (run_dir / "config.gin").write_text(config.full_config())
+    write_text_atomic(run_dir / "operative_config.gin", config.operative_config())
+    write_text_atomic(run_dir / "config.gin", config.full_config())
     record = {
         "method": b.method.name,
         "method_decisions": list(b.method.decisions),

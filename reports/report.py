@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -393,7 +394,8 @@ def build_report(sweep_dir: str | Path) -> Path:
             plot_metric(sweep, metric, title, nums, sweep.directory / "plots" / f"{metric}.png")
     comparisons, numbers["comparisons"] = comparison_section(sweep, groups)
     out = sweep.directory / REPORT_NAME
-    out.write_text(
+    _replace(
+        out,
         "\n\n".join(
             [
                 f"# Batch sweep report: {sweep.directory.name}",
@@ -408,8 +410,15 @@ def build_report(sweep_dir: str | Path) -> Path:
                 stage_metrics_section(sweep),
             ]
         )
-        + "\n"
+        + "\n",
     )
-    (sweep.directory / "report.json").write_text(json.dumps(numbers, indent=1, default=str))
+    _replace(sweep.directory / "report.json", json.dumps(numbers, indent=1, default=str))
     write_hparams(sweep, sweep.directory / "tb_hparams")
     return out
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write beside ``path``, then rename over it: a reader never sees half a report."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)

@@ -305,3 +305,24 @@ def test_a_failed_evaluation_is_recorded_not_left_running(tmp_path, tiny_data, m
     assert status["status"] == "failed" and status["step"] == 2
     assert status["reason"] == "evaluation: RuntimeError: no test split today"
     assert checkpoint.latest(tmp_path / "run").exists()  # the trained weights are kept
+
+
+@pytest.mark.parametrize("write", ["harness", "report"])
+def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path, monkeypatch, write):
+    from harness.manifest import write_text_atomic
+    from reports.report import _replace
+
+    path = tmp_path / "operative_config.gin"
+    path.write_text("old")
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        (write_text_atomic if write == "harness" else _replace)(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir() if p.name != "operative_config.gin"] in (
+        [],
+        [".operative_config.gin.partial"],
+    )
