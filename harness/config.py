@@ -158,18 +158,20 @@ def parse(
         gin.parse_config_files_and_bindings([str(p) for p in paths], list(bindings))
     except (ValueError, KeyError, OSError, SyntaxError, tokenize.TokenError) as e:
         raise ConfigError(_clean(e, bindings)) from None
-    check_macros_used()
+    check_macros_used(list(bindings))
     return paths
 
 
-def check_macros_used() -> None:
-    """gin takes any ``NAME = value`` as a macro: a misspelt one (``SEEDS=1``) would be stored,
-    hashed into the config and never read. A macro that no binding references is refused,
-    unless it is one of the harness's own (a stage may bind what its macro would set)."""
+def check_macros_used(bindings: list[str]) -> None:
+    """gin takes any ``NAME = value`` as a macro: a misspelt one (``--gin_param "SEEDS=1"``, a
+    grid axis ``'SEEDS'``) would be stored, hashed into the config and never read. A macro
+    bound by ``bindings`` that nothing references is refused, unless it is one of the harness's
+    own (a stage may bind what its macro would set); files may keep macros a binding overrides."""
     text = full_config()
     defined = set(re.findall(r"^([A-Za-z_]\w*) = ", text, flags=re.MULTILINE))
     used = set(re.findall(r"%([A-Za-z_]\w*)", text))
-    unused = sorted(defined - used - set(MACROS))
+    named = {binding.partition("=")[0].strip() for binding in bindings}
+    unused = sorted((defined - used - set(MACROS)) & named)
     if unused:
         raise ConfigError(
             f"macro {', '.join(unused)} is bound but nothing uses it (misspelt?); "

@@ -103,9 +103,9 @@ def _value_text(value: Any) -> str:
 
 
 def pin_axes(grid: Grid, bindings: list[str]) -> tuple[Grid, list[str]]:
-    """A command-line binding of an axis (``--gin_param "SEED=1"``) narrows that axis to its one
-    value; left among the bindings, each cell's own axis binding would override it unseen.
-    Returns the grid and the bindings that are not axes."""
+    """A command-line binding of an axis (``--gin_param "SEED=1"``) narrows that axis to its
+    value (a list: to those values); left among the bindings, each cell's own axis binding
+    would override it unseen. Returns the grid and the bindings that are not axes."""
     axes, rest = dict(grid.axes), []
     for binding in bindings:
         name, sep, value = (part.strip() for part in binding.partition("="))
@@ -113,7 +113,8 @@ def pin_axes(grid: Grid, bindings: list[str]) -> tuple[Grid, list[str]]:
             rest.append(binding)
             continue
         try:
-            axes[name] = [ast.literal_eval(value)]
+            value = ast.literal_eval(value)
+            axes[name] = value if isinstance(value, list) else [value]  # "SEED=[0, 1]": both
         except (ValueError, SyntaxError):
             raise ConfigError(
                 f"--gin_param {binding!r} binds the grid axis {name}, whose values must be "
@@ -144,37 +145,36 @@ def plan_cells(config_files: list[Path], bindings: list[str], grid: Grid) -> lis
             spec = config.resolve()
             model_cfg = models.model_config(spec.run.model)
             digest = config.config_hash(model_cfg, {"world_size": grid.world_size})
-            for stage, stage_spec in _stage_specs(config_files, [*bindings, *cell_bindings]):
-                try:
-                    _check_stage(stage_spec, grid, manifests)
-                except ValueError as e:  # ConfigError, DataError, ModelError...
-                    raise ConfigError(e if stage is None else f"stage {stage!r}: {e}") from None
+            _check_stages(config_files, [*bindings, *cell_bindings], grid, manifests)
         except (ConfigError, ValueError) as e:
-            raise ConfigError(f"grid cell ({label}): {e}") from None
+            reason = str(e).split("\n  In call to configurable")[0]  # gin's suffix
+            raise ConfigError(f"grid cell ({label}): {reason}") from None
         name = "__".join(f"{_short(k)}={_value_text(v)}" for k, v in values.items()) + f"__{digest}"
         cells.append(Cell(values=values, bindings=cell_bindings, name=name, config_hash=digest))
     return cells
 
 
-def _stage_specs(config_files: list[Path], bindings: list[str]) -> list[tuple[str | None, Any]]:
-    """(stage name, resolved spec) of every stage the cell will run, each with the batch, model
-    and data it will train on (name None for a one-stage method); nothing runs."""
-    from harness.pipeline import plan_runs
+def _check_stages(
+    config_files: list[Path], bindings: list[str], grid: Grid, manifests: dict
+) -> None:
+    """Check every stage the cell will run with the batch, model and data it will train on;
+    nothing runs. A stage's inputs (earlier stages' directories) stay unbound: they do not
+    exist yet, and the cell's method was built (so checked) by ``plan_stages``."""
+    from harness.pipeline import plan_stages
 
-    runs = plan_runs(config_files, bindings, out=Path("unused"), shared_root=Path("unused"))
-    specs = []
-    for run in runs:
-        config.parse(config_files, run.bindings)
-        specs.append((run.stage.name if len(runs) > 1 else None, config.resolve()))
-    return specs
+    stages = plan_stages(config_files, bindings)
+    for stage in stages:
+        try:
+            config.parse(config_files, [*bindings, *stage.bindings])
+            _check_stage(config.resolve(), grid, manifests)
+        except ValueError as e:  # ConfigError, DataError, ModelError...
+            raise ConfigError(e if len(stages) == 1 else f"stage {stage.name!r}: {e}") from None
 
 
 def _check_stage(spec, grid: Grid, manifests: dict) -> None:
-    """What would stop a stage before or during training: method, model, batch, data, devices."""
+    """What would stop a stage before or during training: model, batch, data, devices."""
     from harness.data import resolve_manifest
-    from methods import build_method
 
-    build_method(spec.run.method)
     models.model_config(spec.run.model)
     _check_batch(spec, grid)
     _check_devices(spec, grid)

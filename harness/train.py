@@ -221,11 +221,13 @@ def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:
         raise
     if dist.is_main:
         throughput["corrupt_samples"] = trainer.state.corrupt_samples
-        write_json_atomic(run_dir / "throughput.json", throughput)
+        if throughput["measured_steps"] or not (run_dir / "throughput.json").exists():
+            # a resumed run with no step left (its evaluation failed) keeps its real figures
+            write_json_atomic(run_dir / "throughput.json", throughput)
         try:
             metrics = _evaluate(b, trainer.model, run_dir)
         except Exception as e:  # trained and checkpointed: `python -m harness.evaluate` can redo it
-            reason = f"evaluation: {type(e).__name__}: {e}"
+            reason = f"{EVALUATION_FAILED} {type(e).__name__}: {e}"
             tail = traceback.format_exc().splitlines()[-12:]
             _record_failure(
                 run_dir, dist, "failed", reason, step=trainer.state.step, traceback=tail
@@ -234,6 +236,9 @@ def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:
         rundir.write_status(run_dir, rundir.FINISHED, step=trainer.state.step)
         print(json.dumps({k: round(v, 2) for k, v in metrics.items()}, indent=1))
     distributed.barrier()
+
+
+EVALUATION_FAILED = "evaluation:"  # status reason prefix: trained, but not evaluated
 
 
 def _record_failure(run_dir: Path, dist: DistInfo, status: str, reason: str, **extra: Any) -> None:
@@ -275,7 +280,11 @@ def evaluate_run_dir(run_dir: str | Path, *, device: str = "auto") -> dict[str, 
     data = replace(spec.data, manifest=record["data"]["manifest"])
     manifest = resolve_manifest(data)
     b = Built(spec, method, record["model_config"], manifest, dist)
-    return _evaluate(b, model, run_dir)
+    metrics = _evaluate(b, model, run_dir)
+    status = rundir.read_json(run_dir / "status.json") or {}
+    if str(status.get("reason", "")).startswith(EVALUATION_FAILED):  # now evaluated: finished
+        rundir.write_status(run_dir, rundir.FINISHED, step=status.get("step"))
+    return metrics
 
 
 def earlier_stages_now(run_dir: Path) -> list[str]:

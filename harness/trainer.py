@@ -337,6 +337,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the budget; return a throughput summary. Raises Diverged / Interrupted."""
         cfg = self.config
+        self.clock.restore(self.clock.used)  # the time budget counts from here, not set-up
         loader = iter(train_loader(**self.loader_args, skip_batches=self.state.step))
         self.step_module.train()
         meter = _Meter(self.dist.device)

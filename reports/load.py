@@ -42,7 +42,8 @@ def main_stage(stages: list[Stage]) -> Stage:
 
 # The axes every report table is laid out on; any other axis (a learning-rate rule, a model)
 # makes variants of a method, each its own row, compared with clip's run of the same variant.
-TABLE_AXES = ("METHOD", "BATCH_SIZE", "SEED")
+TABLE_AXES = ("METHOD", "BATCH_SIZE", "SEED", "RunConfig.method", "TrainConfig.batch_size",
+              "TrainConfig.seed")  # fmt: skip
 
 
 def variant_of(values: dict[str, Any]) -> str:

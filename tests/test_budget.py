@@ -1,7 +1,9 @@
 """The wall-clock budget: the cosine follows the agreed fraction of time used, not the step cap."""
 
+import itertools
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -45,7 +47,10 @@ def test_a_resumed_clock_agrees_on_every_rank():
 
 
 @pytest.mark.slow
-def test_a_wallclock_run_stops_on_time_with_the_rate_annealed(tiny_data, tmp_path):
+def test_a_wallclock_run_stops_on_time_with_the_rate_annealed(tiny_data, tmp_path, monkeypatch):
+    """On a fake clock (10 ms per reading), so a slow machine cannot end it at its first log."""
+    ticks = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.01 * next(ticks))
     out = tmp_path / "run"
     run_pipeline(
         [REPO / "configs/smoke.gin"],

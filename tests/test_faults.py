@@ -207,7 +207,6 @@ def test_bad_fault_spec_is_a_config_error(tiny_data, tmp_path):
     assert done.returncode == 2 and "fault 'melt@3'" in done.stderr
 
 
-@pytest.mark.slow
 def copy_with_broken_pngs(tiny_data, data, split: str) -> int:
     """A copy of the dataset whose first ``split`` shard has every 10th PNG truncated
     (undecodable); returns how many were broken."""
@@ -239,6 +238,7 @@ def copy_with_broken_pngs(tiny_data, data, split: str) -> int:
     return broken
 
 
+@pytest.mark.slow
 def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, tiny_data):
     data = tmp_path / "data"
     copy_with_broken_pngs(tiny_data, data, "train")
@@ -305,6 +305,21 @@ def test_a_failed_evaluation_is_recorded_not_left_running(tmp_path, tiny_data, m
     assert status["status"] == "failed" and status["step"] == 2
     assert status["reason"] == "evaluation: RuntimeError: no test split today"
     assert checkpoint.latest(tmp_path / "run").exists()  # the trained weights are kept
+    speed = read(tmp_path / "run" / "throughput.json")
+    monkeypatch.undo()
+
+    # resumed: no step is left, so the throughput measured in training stays as it was
+    run_pipeline([REPO / "configs/smoke.gin"], bindings, out=tmp_path / "run", resume=True)
+    assert read(tmp_path / "run" / "throughput.json") == speed
+    assert read(tmp_path / "run" / "status.json")["status"] == "finished"
+
+    # or evaluated on its own (python -m harness.evaluate): that finishes it too
+    from harness import rundir
+    from harness.train import evaluate_run_dir
+
+    rundir.write_status(tmp_path / "run", "failed", reason="evaluation: RuntimeError: x", step=2)
+    assert "i2t_r1" in evaluate_run_dir(tmp_path / "run")
+    assert read(tmp_path / "run" / "status.json")["status"] == "finished"
 
 
 @pytest.mark.parametrize("write", ["harness", "report"])

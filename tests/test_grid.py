@@ -87,9 +87,22 @@ def test_every_cell_is_validated_before_any_runs(tmp_path, tiny_data, axes, grid
         planned(tmp_path, tiny_data, axes, **grid_kwargs)
 
 
+def test_cells_whose_later_stages_need_earlier_ones_plan(tmp_path, tiny_data):
+    """siclip's student names a teacher directory, superclass's LiT its stage 1: neither exists
+    before the sweep runs, and planning must not ask for them."""
+    teacher = "siclip.teacher_model = 'micro-vit-teacher'\nsiclip.teacher_batch_size = 32"
+    cells = planned(tmp_path, tiny_data, "{'METHOD': ['siclip', 'superclass']}", teacher)
+    assert [c.values["METHOD"] for c in cells] == ["siclip", "superclass"]
+
+
 def test_a_misspelt_axis_macro_is_refused_before_any_run(tmp_path, tiny_data):
     with pytest.raises(ConfigError, match=r"SEEDS=1.*macro SEEDS is bound but nothing uses it"):
         planned(tmp_path, tiny_data, "{'SEEDS': [1]}")
+    # a file's own macro that an axis overrides is not a misspelling
+    lr = planned(
+        tmp_path, tiny_data, "{'TrainConfig.lr': [1e-3, 2e-3]}", "LR = 5e-4\nTrainConfig.lr = %LR"
+    )
+    assert [c.values["TrainConfig.lr"] for c in lr] == [1e-3, 2e-3]
 
 
 def test_a_command_line_binding_of_an_axis_narrows_it(tmp_path, tiny_data, capsys):
@@ -100,7 +113,7 @@ def test_a_command_line_binding_of_an_axis_narrows_it(tmp_path, tiny_data, capsy
     pinned, rest = pin_axes(
         grid, ["SEED=1", "DATA='x'", "TrainConfig.lr_rule = 'sqrt'", "METHOD=['clip']"]
     )
-    assert pinned.axes == {"METHOD": [["clip"]], "SEED": [1], "TrainConfig.lr_rule": ["sqrt"]}
+    assert pinned.axes == {"METHOD": ["clip"], "SEED": [1], "TrainConfig.lr_rule": ["sqrt"]}
     assert rest == ["DATA='x'"]
     assert "axis SEED [0] -> [1]" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"SEED=%OTHER.*literals"):

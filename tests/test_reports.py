@@ -320,3 +320,10 @@ def test_cells_of_another_axis_are_rows_of_their_own_never_pooled(tmp_path):
         {f"superclip ({rule}='none')": 3.0, f"superclip ({rule}='sqrt')": -1.0}, abs=1e-9
     )
     assert f"| clip ({rule}='sqrt') | 32 |" in report
+
+    # an axis spelt as the gin parameter a table axis binds is that table axis, not a variant
+    from reports.load import variant_of
+
+    assert variant_of({"TrainConfig.seed": 1, "TrainConfig.batch_size": 32, rule: "none"}) == (
+        f"{rule}='none'"
+    )
