@@ -145,7 +145,7 @@ def plan_cells(config_files: list[Path], bindings: list[str], grid: Grid) -> lis
             spec = config.resolve()
             model_cfg = models.model_config(spec.run.model)
             digest = config.config_hash(model_cfg, {"world_size": grid.world_size})
-            _check_stages(config_files, [*bindings, *cell_bindings], grid, manifests)
+            _check_stages(config_files, [*bindings, *cell_bindings], spec, grid, manifests)
         except (ConfigError, ValueError) as e:
             reason = str(e).split("\n  In call to configurable")[0]  # gin's suffix
             raise ConfigError(f"grid cell ({label}): {reason}") from None
@@ -155,18 +155,21 @@ def plan_cells(config_files: list[Path], bindings: list[str], grid: Grid) -> lis
 
 
 def _check_stages(
-    config_files: list[Path], bindings: list[str], grid: Grid, manifests: dict
+    config_files: list[Path], bindings: list[str], spec, grid: Grid, manifests: dict
 ) -> None:
     """Check every stage the cell will run with the batch, model and data it will train on;
-    nothing runs. A stage's inputs (earlier stages' directories) stay unbound: they do not
-    exist yet, and the cell's method was built (so checked) by ``plan_stages``."""
-    from harness.pipeline import plan_stages
+    nothing runs. ``spec`` is the cell's parsed config; a stage with bindings of its own is
+    parsed with them, its inputs (earlier stages' directories) unbound: they do not exist yet."""
+    from harness.pipeline import stages_of
 
-    stages = plan_stages(config_files, bindings)
+    stages = stages_of(spec)  # builds the cell's method, so checks it
     for stage in stages:
         try:
-            config.parse(config_files, [*bindings, *stage.bindings])
-            _check_stage(config.resolve(), grid, manifests)
+            stage_spec = spec
+            if stage.bindings:  # its own batch, model or budget
+                config.parse(config_files, [*bindings, *stage.bindings])
+                stage_spec = config.resolve()
+            _check_stage(stage_spec, grid, manifests)
         except ValueError as e:  # ConfigError, DataError, ModelError...
             raise ConfigError(e if len(stages) == 1 else f"stage {stage.name!r}: {e}") from None
 

@@ -32,7 +32,11 @@ class StageRun:
 
 def plan_stages(config_files: list[str | Path], bindings: list[str]) -> list[Stage]:
     config.parse(config_files, bindings)
-    spec = config.resolve()
+    return stages_of(config.resolve())
+
+
+def stages_of(spec: config.RunSpec) -> list[Stage]:
+    """The stages of the method ``spec`` trains (the parsed config builds the method)."""
     method = build_method(spec.run.method)
     info = RunInfo(
         batch_size=spec.train.batch_size,
