@@ -215,14 +215,6 @@ def _check_devices(spec, grid: Grid) -> None:
 # ---------------------------------------------------------------- running
 
 
-def final_run_dir(cell_dir: Path) -> Path:
-    """The run directory holding a cell's result: its last stage for multi-stage methods."""
-    stages = rundir.read_json(cell_dir / "stages.json")
-    if stages and stages.get("stages"):
-        return cell_dir / stages["stages"][-1]["run_dir"]  # recorded relative to the cell
-    return cell_dir
-
-
 def shared_root(sweep_dir: Path) -> Path:
     """Where a sweep keeps the stages its cells share (a siclip teacher)."""
     return sweep_dir / "shared"
@@ -261,7 +253,7 @@ def run_local(
     results = {}
     for k, cell in enumerate(cells, 1):
         cell_dir = cell.directory(sweep_dir)
-        if rundir.is_finished(final_run_dir(cell_dir)):
+        if rundir.is_finished(rundir.final_run_dir(cell_dir)):
             print(f"[{k}/{len(cells)}] {cell.name}: finished earlier, skipped")
             results[cell.name] = rundir.FINISHED
             continue
@@ -283,7 +275,7 @@ def _run_cell(command: list[str], cell_dir: Path) -> str:
         code = subprocess.run(
             command, stdout=log, stderr=subprocess.STDOUT, cwd=config.REPO_ROOT
         ).returncode
-    status = rundir.read_status(final_run_dir(cell_dir)) or {}
+    status = rundir.read_status(rundir.final_run_dir(cell_dir)) or {}
     if code == 0 and status.get("status") == rundir.FINISHED:
         return rundir.FINISHED
     lines = log_path.read_text(errors="replace").splitlines()
@@ -296,7 +288,7 @@ def _run_cell(command: list[str], cell_dir: Path) -> str:
         status = {"status": "failed", "reason": reason}
     # the cell's own log tail (every rank's output under torchrun) goes with the status
     rundir.write_status(
-        final_run_dir(cell_dir), status["status"],
+        rundir.final_run_dir(cell_dir), status["status"],
         **{k: v for k, v in status.items() if k not in ("status", "time")},
         exit_code=code, errors=errors, log_tail=tail, seconds=round(time.time() - start, 1),
     )  # fmt: skip

@@ -60,6 +60,24 @@ def is_finished(run_dir: str | Path) -> bool:
     )
 
 
+def final_run_dir(cell_dir: Path) -> Path:
+    """The run directory holding a cell's result: its last stage for multi-stage methods."""
+    stages = read_json(cell_dir / "stages.json")
+    if stages and stages.get("stages"):
+        return cell_dir / stages["stages"][-1]["run_dir"]  # recorded relative to the cell
+    return cell_dir
+
+
+def earlier_stages_now(run_dir: Path) -> list[str]:
+    """Bindings of a stage's inputs (superclass.init_from, siclip.teacher) to where the stages
+    they name are now, from the ``stages.json`` beside it: its operative config holds the
+    absolute paths they had when it ran, which a moved or copied sweep no longer has."""
+    stages = (read_json(run_dir.parent / "stages.json") or {}).get("stages", [])
+    where = {s["name"]: (run_dir.parent / s["run_dir"]).resolve() for s in stages}
+    me = next((s for s in stages if where[s["name"]] == run_dir.resolve()), {})
+    return [f"{param} = '{where[source]}'" for param, source in me.get("inputs", {}).items()]
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(

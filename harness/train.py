@@ -261,13 +261,13 @@ def evaluate_run_dir(run_dir: str | Path, *, device: str = "auto") -> dict[str, 
 
     A multi-stage directory (a grid cell) evaluates its last stage, the method's result.
     """
-    from harness.grid import final_run_dir
-
-    run_dir = final_run_dir(Path(run_dir))
+    run_dir = rundir.final_run_dir(Path(run_dir))
     record = rundir.read_json(run_dir / "run.json")
     if record is None or not (run_dir / "operative_config.gin").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no run.json / operative_config.gin)")
-    config.parse([run_dir / "operative_config.gin"], earlier_stages_now(run_dir), trusted=False)
+    config.parse(
+        [run_dir / "operative_config.gin"], rundir.earlier_stages_now(run_dir), trusted=False
+    )
     spec = config.resolve()
     dist = distributed.init(device)
     method = build_method(record["method"])
@@ -281,17 +281,7 @@ def evaluate_run_dir(run_dir: str | Path, *, device: str = "auto") -> dict[str, 
     manifest = resolve_manifest(data)
     b = Built(spec, method, record["model_config"], manifest, dist)
     metrics = _evaluate(b, model, run_dir)
-    status = rundir.read_json(run_dir / "status.json") or {}
+    status = rundir.read_status(run_dir) or {}
     if str(status.get("reason", "")).startswith(EVALUATION_FAILED):  # now evaluated: finished
         rundir.write_status(run_dir, rundir.FINISHED, step=status.get("step"))
     return metrics
-
-
-def earlier_stages_now(run_dir: Path) -> list[str]:
-    """Bindings of a stage's inputs (superclass.init_from, siclip.teacher) to where the stages
-    they name are now, from the ``stages.json`` beside it: its operative config holds the
-    absolute paths they had when it ran, which a moved or copied sweep no longer has."""
-    stages = (rundir.read_json(run_dir.parent / "stages.json") or {}).get("stages", [])
-    where = {s["name"]: (run_dir.parent / s["run_dir"]).resolve() for s in stages}
-    me = next((s for s in stages if where[s["name"]] == run_dir.resolve()), {})
-    return [f"{param} = '{where[source]}'" for param, source in me.get("inputs", {}).items()]
