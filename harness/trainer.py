@@ -24,11 +24,13 @@ from typing import Any
 
 import gin
 import torch
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from harness import checkpoint, distributed, faults
+from harness.config import ConfigError
 from harness.data import DataConfig, prepare_batch, train_loader
 from harness.distributed import DistInfo
 from harness.manifest import Manifest
@@ -72,6 +74,10 @@ class TrainConfig:
     progress_bar: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable kernels
     compile: bool = False  # torch.compile the method's forward and loss (model included)
+    # Recompute each transformer block's activations in backward: about one more forward of
+    # compute for activation memory of a block at a time (how a large tower fits a big batch).
+    # The FLOP count, and so MFU, then includes the recomputation.
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -123,6 +129,28 @@ class TrainConfig:
             "scaled_lr": self.scaled_lr,
             samples: self.total_steps * self.batch_size,
         }
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Turn on activation recomputation in every open_clip transformer of ``model``.
+
+    open_clip's transformers check their own ``grad_checkpointing`` flag per block, so this
+    reaches every tower a method builds (a CLIP, a lone vision tower, a student's blocks). open_clip
+    calls a block as ``block(x, None, None, attn_mask)`` when recomputing, which only its default
+    ``ResidualAttentionBlock`` accepts: other blocks (``block_type: custom``, SAS-P) are refused.
+    """
+    towers = [m for m in model.modules() if hasattr(m, "grad_checkpointing")]
+    blocks = [b for tower in towers for b in getattr(tower, "resblocks", ())]
+    other = sorted({type(b).__name__ for b in blocks} - {ResidualAttentionBlock.__name__})
+    if not blocks or other:
+        found = f"blocks of type {', '.join(other)}" if other else "no open_clip transformer"
+        raise ConfigError(
+            f"TrainConfig.grad_checkpointing=True, but the model ({type(model).__name__}) has "
+            f"{found}: open_clip recomputes only its default ResidualAttentionBlock (a model "
+            "config without block_type 'custom')"
+        )
+    for tower in towers:
+        tower.grad_checkpointing = True
 
 
 def lr_multiplier(
@@ -261,6 +289,8 @@ class Trainer:
     ):
         self.method, self.model, self.config, self.dist = method, model, config, dist
         self.run_dir = Path(run_dir)
+        if config.grad_checkpointing:
+            enable_grad_checkpointing(model)
         self.step_module = TrainStep(model, method).to(dist.device)
         self.train_step_fn = self.step_module
         if dist.world_size > 1:

@@ -295,6 +295,10 @@ def test_stages_train_a_shared_teacher_unless_one_is_given(teacher_dir):
         "METHOD = 'clip'", "MODEL = 'tiny-vit-teacher'", "BATCH_SIZE = 512", "TRAIN_SAMPLES = 1280",
     }  # fmt: skip
     assert dict(student.inputs) == {"siclip.teacher": "teacher"}
+    recomputing = ["METHOD='siclip'", "BATCH_SIZE=32", "siclip.teacher_grad_checkpointing=True"]
+    teacher, student = plan_stages([REPO / "configs/smoke.gin"], recomputing)
+    assert "TrainConfig.grad_checkpointing = True" in teacher.bindings
+    assert not any("grad_checkpointing" in b for b in student.bindings)
     stages = plan_stages(
         [REPO / "configs/smoke.gin"], ["METHOD='siclip'", f"siclip.teacher='{teacher_dir}'"]
     )
