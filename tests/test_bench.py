@@ -12,6 +12,7 @@ import torch
 
 from bench import report
 from bench.vs_open_clip import convert_for_open_clip, open_clip_compat
+from harness.config import ConfigError
 from harness.manifest import load_manifest
 from tests.conftest import run_cli
 from tests.dist_utils import free_port
@@ -223,3 +224,16 @@ def test_comm_timer_averages_gradients_and_times_only_when_asked(tmp_path):
         for grad in result["grads"]:
             assert torch.allclose(grad, result["expected"])
         assert result["seconds"][0] == 0.0 and result["seconds"][1] > 0.0
+
+
+def test_memory_bench_prints_both_peaks_and_refuses_custom_blocks_by_name(capsys):
+    from bench import memory
+
+    assert memory.main(["--model", "micro-vit", "--batch", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "clip on micro-vit, batch 4, cpu, grad checkpointing off"
+    for line, label in zip(lines[1:], ("forward + backward", "FLOP count"), strict=True):
+        assert line.split()[: len(label.split())] == label.split()
+        assert float(line.split("peak")[1].split("MB")[0]) > 0
+    with pytest.raises(ConfigError, match="CustomResidualAttentionBlock"):
+        memory.main(["--model", "micro-vit", "--batch", "4", "--grad-checkpointing"])
