@@ -285,6 +285,9 @@ def cost_section(sweep: Sweep) -> str:
             continue
         for st in cell.stages:
             c = st.costs
+            if not c:  # not counted yet (a cell still running or never started): no zeros
+                rows.append([method, st.name, *["n/a"] * (len(header) - 2)])
+                continue
             rows.append([
                 method, st.name + (" (shared)" if st.shared else ""), f"{st.samples_seen:,}",
                 f"{c.get('params_trainable', 0):,}", f"{c.get('params_total', 0):,}", f"{c.get('params_frozen', 0):,}",

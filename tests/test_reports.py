@@ -154,6 +154,21 @@ def test_report_sections_plots_and_provenance(seeded_sweep):
     assert cells[header.split("|").index(" GPU util % (NVML) ")] == "n/a"
 
 
+def test_a_cell_not_yet_run_shows_no_numbers_in_the_cost_table(tmp_path):
+    sweep = write_sweep(tmp_path / "s", [("clip", 32, 0, {"i2t_r1": 10.0, "t2i_r1": 9.0})])
+    record = json.loads((sweep / "sweep.json").read_text())
+    pending = sweep / "cells" / "method=superclip__batch_size=32__seed=0__h"
+    pending.mkdir()  # planned, not started (or running, before its costs were counted)
+    values = {"METHOD": "superclip", "BATCH_SIZE": 32, "SEED": 0}
+    record["cells"].append({"name": pending.name, "values": values, "dir": str(pending)})
+    (sweep / "sweep.json").write_text(json.dumps(record))
+    report = build_report(sweep).read_text()
+    costs = report.split("## Parameters and compute")[1].split("\n\n")[1]
+    row = next(line for line in costs.splitlines() if line.startswith("| superclip |"))
+    assert [c.strip() for c in row.strip("|").split("|")][2:] == ["n/a"] * 6
+    assert "| clip | main | 320 | 1,000 | 1,200 | 200 | 2.000 | 1.0 |" in costs
+
+
 def per_query(n_images, hits):
     """n_images images, 2 captions each; image i's queries rank 0 if hits[i] else 50."""
     ranks = [0 if h else 50 for h in hits]
