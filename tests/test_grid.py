@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import config
+from harness import config, grid
 from harness.config import ConfigError
 from harness.grid import Grid, configured_grid, expand, pin_axes, plan_cells
 from tests.conftest import REPO, run_cli
@@ -309,3 +310,17 @@ def test_slurm_script_for_a_2x5_grid(tmp_path, tiny_data):
     assert "--cell --resume" in task and "'SEED = 1'" in task and "'BATCH_SIZE = 64'" in task
     assert (slurm / "submit.sh").read_text().strip().endswith("sbatch cells.sbatch")
     assert subprocess.run(["bash", "-n", str(slurm / "cells.sbatch")]).returncode == 0
+
+
+@pytest.mark.parametrize("sweep", ["batch_sweep", "seed_sweep"])
+def test_shipped_sweeps_plan_the_cells_of_their_committed_reports(sweep, monkeypatch):
+    """A binding added to a shipped gin file renames every cell (the hash covers every method's
+    bindings), and the README's commands would no longer reproduce the example reports."""
+    monkeypatch.setattr(grid, "_check_stages", lambda *args: None)  # needs the built-in data
+    path = REPO / "configs" / f"{sweep}.gin"
+    config.parse([path], [])
+    cells = plan_cells([path], [], configured_grid())
+    report = (REPO / "reports" / "examples" / sweep / "REPORT.md").read_text()
+    committed = set(re.findall(r"method=\w+?__batch_size=\d+__seed=\d+__[0-9a-f]{10}", report))
+    assert len(committed) == len(cells)
+    assert {cell.name for cell in cells} == committed
