@@ -22,20 +22,14 @@ from bench.measure import sync
 from harness import models
 from harness.costs import count_costs, synthetic_batch
 from harness.data import prepare_batch
-from harness.metrics import PeakMemory, _proc_status_kb
+from harness.metrics import PeakMemory
 from harness.trainer import TrainStep, autocast, enable_grad_checkpointing
-
-
-def held_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    return (_proc_status_kb("VmRSS") or 0) / 1024
 
 
 def peak_of(run: Callable[[], None], device: torch.device) -> tuple[float, float, str]:
     """(peak MB while ``run`` ran, MB held just before, what the peak measures)."""
     peak = PeakMemory(device)
-    before = held_mb(device)
+    before = peak.held_mb()
     peak.reset()
     run()
     sync(device)
@@ -65,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         with autocast(device, "auto"):
             loss = step(batch)["loss"]
         loss.backward()
-        step.zero_grad(set_to_none=True)
 
     def flop_count() -> None:
         count_costs(

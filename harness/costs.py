@@ -2,10 +2,11 @@
 
 FLOPs are counted with torch's FlopCounterMode (matmuls, convolutions, attention; elementwise
 ops are not counted, as is usual for MFU) on a copy of the model and method, so that counting
-changes no weight, buffer or optimiser state. With ``TrainConfig.grad_checkpointing`` the
-count includes the recomputed forward (hardware FLOPs, not model FLOPs). Everything a method adds (heads, prototypes,
-projections, a frozen teacher's forward) is inside the counted step. Parameter counts are of
-distinct parameters (shared weights count once); a method's frozen modules are counted as frozen.
+changes no weight, buffer or optimiser state. Everything a method adds (heads, prototypes,
+projections, a frozen teacher's forward) is inside the counted step; with
+``TrainConfig.grad_checkpointing`` so is the recomputed forward (hardware, not model, FLOPs).
+Parameter counts are of distinct parameters (shared weights count once); a method's frozen
+modules are counted as frozen.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class _NoModuleTracking:
 def total_flop_counter() -> FlopCounterMode:
     """A FlopCounterMode that counts the total only (its ``get_total_flops``)."""
     counter = FlopCounterMode(display=False)
-    if hasattr(counter, "mod_tracker"):  # torch >= 2.4; older versions track nothing per module
+    if hasattr(counter, "mod_tracker"):  # the tracker of the torch versions used here (2.11, 2.14)
         counter.mod_tracker = _NoModuleTracking()
     return counter
 

@@ -93,6 +93,12 @@ class PeakMemory:
         except OSError:
             self.kind = "process peak RSS (lifetime; could not reset)"
 
+    def held_mb(self) -> float:
+        """What the process holds now (CUDA allocated, or resident set size), for a baseline."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return (_proc_status_kb("VmRSS") or 0) / 1024
+
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20

@@ -284,12 +284,12 @@ def cost_section(sweep: Sweep) -> str:
         if cell is None:
             continue
         for st in cell.stages:
-            c = st.costs
+            c, stage = st.costs, st.name + (" (shared)" if st.shared else "")
             if not c:  # not counted yet (a cell still running or never started): no zeros
-                rows.append([method, st.name, *["n/a"] * (len(header) - 2)])
+                rows.append([method, stage, *["n/a"] * (len(header) - 2)])
                 continue
             rows.append([
-                method, st.name + (" (shared)" if st.shared else ""), f"{st.samples_seen:,}",
+                method, stage, f"{st.samples_seen:,}",
                 f"{c.get('params_trainable', 0):,}", f"{c.get('params_total', 0):,}", f"{c.get('params_frozen', 0):,}",
                 _num(c.get("train_flops_per_sample", 0) / 1e9, 3), _num(c.get("inference_flops_per_image", 0) / 1e6, 1),
             ])  # fmt: skip
