@@ -44,7 +44,7 @@ def test_large_step_tensors_are_reused_instead_of_faulted_in_again():
     # kept: the heap's blocks are reused. It still grows now and then by one tensor when a
     # block lands elsewhere (seen once or twice in 12 passes, never every pass), so the
     # check is on the total: under a tenth of what the default faults over the same passes.
-    assert sum(kept[steady]) < sum(default[steady]) // 10, (kept, default)
+    assert sum(kept[steady]) < sum(default[steady]) // 10, f"kept {kept}; default {default}"
 
 
 def test_returns_a_bool_and_can_be_called_twice():
