@@ -8,7 +8,7 @@ import pytest
 from harness import host_memory
 from tests.conftest import REPO
 
-# page faults of each of 16 forward+backward passes of a logsumexp over 512 x 49,408 logits
+# page faults of each of 24 forward+backward passes of a logsumexp over 512 x 49,408 logits
 # (superclip's classification loss at batch 512), printed by a fresh process
 PROBE = """
 import resource, sys, torch
@@ -18,7 +18,7 @@ if sys.argv[1] == "on":
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 z = torch.ones(512, 49408, requires_grad=True)
-for _ in range(16):
+for _ in range(24):
     before = faults()
     torch.logsumexp(z, dim=1).sum().backward()
     print(faults() - before)
@@ -41,10 +41,12 @@ def test_large_step_tensors_are_reused_instead_of_faulted_in_again():
     steady = slice(4, None)  # the first passes grow the heap in both modes
     # glibc's default: every pass maps its large tensors afresh and faults them in again
     assert min(default[steady]) > tensor_pages
-    # kept: the heap's blocks are reused. It still grows now and then by one tensor when a
-    # block lands elsewhere (seen once or twice in 12 passes, never every pass), so the
-    # check is on the total: under a tenth of what the default faults over the same passes.
-    assert sum(kept[steady]) < sum(default[steady]) // 10, f"kept {kept}; default {default}"
+    # kept: the heap's blocks are reused, so most passes fault in nothing new. The heap still
+    # grows now and then by a tensor or three when a block lands elsewhere (in CI once: 4 of
+    # 12 steady passes, back to back), and never shrinks, so the growth is finite: the check
+    # is on the median pass, which any pass-by-pass faulting would put above a whole tensor.
+    median = sorted(kept[steady])[len(kept[steady]) // 2]
+    assert median < tensor_pages // 10, f"kept {kept}; default {default}"
 
 
 def test_returns_a_bool_and_can_be_called_twice():
