@@ -7,11 +7,20 @@ import sys
 
 from harness.checkpoint import CheckpointError
 from harness.config import ConfigError
+from harness.evaluate import NonFiniteEmbeddings
 from harness.manifest import DataError
 from harness.models import ModelError
 from methods import UnknownMethodError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, UnknownMethodError, CheckpointError)
+# NonFiniteEmbeddings is the model's fault, not the user's, but it too is best said in one line
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ModelError,
+    UnknownMethodError,
+    CheckpointError,
+    NonFiniteEmbeddings,
+)
 EXIT_USER_ERROR = 2
 
 

@@ -35,6 +35,25 @@ from methods.base import Method
 RECALL_KS = (1, 5, 10)
 
 
+class NonFiniteEmbeddings(ValueError):
+    """The model gives NaN or inf embeddings: no metric over them means anything.
+
+    A NaN compares false with everything, so unchecked it would rank every query first (100%
+    recall) or crash deep in the ranking or the probe with a message about something else. It
+    happens when training diverged in its last steps, after the trainer's last loss check.
+    """
+
+
+def check_finite(name: str, features: torch.Tensor) -> None:
+    """Raise ``NonFiniteEmbeddings`` naming ``name`` and how many of its rows are not finite."""
+    bad = int((~torch.isfinite(features)).any(dim=1).sum()) if features.numel() else 0
+    if bad:
+        raise NonFiniteEmbeddings(
+            f"{bad} of {features.shape[0]} {name} are NaN or inf; the model's weights or "
+            "activations are not finite (training diverged after its last loss check?)"
+        )
+
+
 # ---------------------------------------------------------------- retrieval (pure functions)
 
 
@@ -179,7 +198,9 @@ def _probe_train_features(method, model, manifest, config, loader_kwargs, device
             break
     if not feats:
         return None, None
-    return torch.cat(feats)[:want].numpy(), torch.cat(labels)[:want].numpy()
+    features = torch.cat(feats)[:want]
+    check_finite(f"{config.probe_split} probe features", features)
+    return features.numpy(), torch.cat(labels)[:want].numpy()
 
 
 def evaluate(
@@ -202,6 +223,10 @@ def evaluate(
     tokenize = loader.dataset.tokenizer
     with_text = method.has_text_tower(model)
     test = _embed_split(method, model, loader, device, with_text)
+    check_finite(f"{config.split} image embeddings", test.image)
+    if with_text:
+        check_finite(f"{config.split} caption embeddings", test.text)
+    check_finite(f"{config.split} probe features", test.probe)
     metrics: dict[str, float] = {
         "num_test_images": float(test.image.shape[0]),
         "num_test_captions": float(test.owner.shape[0]),

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -20,7 +21,7 @@ from harness.config import ConfigError, RunSpec
 from harness.costs import count_costs
 from harness.data import resolve_manifest
 from harness.distributed import DistInfo
-from harness.evaluate import evaluate
+from harness.evaluate import NonFiniteEmbeddings, evaluate
 from harness.manifest import Manifest, write_json_atomic, write_text_atomic
 from harness.trainer import Diverged, Interrupted, Trainer, autocast, config_record
 from methods import Method, RunInfo, build_method, other_methods
@@ -207,8 +208,7 @@ def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:
     try:
         throughput = trainer.fit()
     except Diverged as e:
-        _record_failure(run_dir, dist, "diverged", str(e), step=e.step)
-        raise SystemExit(EXIT_DIVERGED) from None
+        _diverged(run_dir, dist, str(e), step=e.step)
     except Interrupted as e:
         _record_failure(run_dir, dist, "interrupted", str(e), step=e.step)
         raise SystemExit(EXIT_INTERRUPTED) from None
@@ -226,6 +226,8 @@ def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:
             write_json_atomic(run_dir / "throughput.json", throughput)
         try:
             metrics = _evaluate(b, trainer.model, run_dir)
+        except NonFiniteEmbeddings as e:  # trained to a model that gives NaN: it diverged
+            _diverged(run_dir, dist, f"{EVALUATION_FAILED} {e}", step=trainer.state.step)
         except Exception as e:  # trained and checkpointed: `python -m harness.evaluate` can redo it
             reason = f"{EVALUATION_FAILED} {type(e).__name__}: {e}"
             tail = traceback.format_exc().splitlines()[-12:]
@@ -239,6 +241,14 @@ def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:
 
 
 EVALUATION_FAILED = "evaluation:"  # status reason prefix: trained, but not evaluated
+
+
+def _diverged(run_dir: Path, dist: DistInfo, reason: str, *, step: int) -> NoReturn:
+    """Record the divergence, say so in one line and exit with EXIT_DIVERGED (a grid goes on)."""
+    _record_failure(run_dir, dist, "diverged", reason, step=step)
+    if dist.is_main:
+        print(f"error: {run_dir} diverged: {reason}", file=sys.stderr)
+    raise SystemExit(EXIT_DIVERGED) from None
 
 
 def _record_failure(run_dir: Path, dist: DistInfo, status: str, reason: str, **extra: Any) -> None:
@@ -280,7 +290,10 @@ def evaluate_run_dir(run_dir: str | Path, *, device: str = "auto") -> dict[str, 
     data = replace(spec.data, manifest=record["data"]["manifest"])
     manifest = resolve_manifest(data)
     b = Built(spec, method, record["model_config"], manifest, dist)
-    metrics = _evaluate(b, model, run_dir)
+    try:
+        metrics = _evaluate(b, model, run_dir)
+    except NonFiniteEmbeddings as e:
+        raise NonFiniteEmbeddings(f"{run_dir}: {e}") from None
     status = rundir.read_status(run_dir) or {}
     if str(status.get("reason", "")).startswith(EVALUATION_FAILED):  # now evaluated: finished
         rundir.write_status(run_dir, rundir.FINISHED, step=status.get("step"))

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from harness.evaluate import recall_at, retrieval_metrics, retrieval_ranks
+from harness.evaluate import (
+    NonFiniteEmbeddings,
+    check_finite,
+    recall_at,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 
 # scores[i, j] = similarity of image i and caption j; caption owners below.
 SCORES = torch.tensor(
@@ -71,3 +77,12 @@ def test_matches_brute_force_on_random_data_with_many_ties():
 
 def test_recall_at_counts_ranks_below_k():
     assert recall_at(torch.tensor([0, 1, 5, 9, 10]), 10) == pytest.approx(80.0)
+
+
+def test_non_finite_embeddings_are_refused_with_a_count():
+    features = torch.randn(5, 4)
+    check_finite("test image embeddings", features)  # finite: no error
+    features[1, 2] = float("nan")
+    features[3] = float("inf")
+    with pytest.raises(NonFiniteEmbeddings, match="2 of 5 test image embeddings are NaN or inf"):
+        check_finite("test image embeddings", features)

@@ -44,6 +44,29 @@ def test_smoke_run_then_standalone_evaluator(tiny_data, tmp_path):
     assert json.loads((out / "eval.json").read_text()) == pytest.approx(trained)
 
 
+@pytest.mark.slow
+def test_a_model_that_gives_nan_is_a_diverged_run_not_a_crash_or_a_perfect_score(
+    tiny_data, tmp_path
+):
+    # one step at a huge learning rate: its loss is finite (the trainer's check passes), its
+    # update leaves a model whose embeddings are NaN, which would rank every query first
+    out = tmp_path / "run"
+    done = run_cli(
+        "harness.run", "configs/smoke.gin", "--out", str(out), "--gin_param", f"DATA='{tiny_data}'",
+        *(f"--gin_param={b}" for b in [*FAST, "TRAIN_SAMPLES=32", "TrainConfig.lr=1e9"]),
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]  # EXIT_DIVERGED
+    said = "60 of 60 test image embeddings are NaN or inf"
+    assert f"{out} diverged: evaluation: {said}" in done.stderr
+    assert "Traceback" not in done.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "diverged" and said in status["reason"] and status["step"] == 1
+    assert not (out / "eval.json").exists()
+
+    again = run_cli("harness.evaluate", str(out))
+    assert again.returncode == 2 and f"error: {out}: {said}" in again.stderr, again.stderr
+
+
 def saved_state(run_dir):
     state = checkpoint.load(checkpoint.latest(run_dir))
     return {**state["model"], **{f"method.{k}": v for k, v in state["method"].items()}}
