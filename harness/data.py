@@ -443,9 +443,7 @@ class ShardStream(IterableDataset):
         flat = [c for item in items for c in item["captions"]]
         batch = {
             # uint8 NCHW: normalised on the device by prepare_batch (4x less to copy)
-            "image": torch.from_numpy(np.stack([item["image"] for item in items])).permute(
-                0, 3, 1, 2
-            ),
+            "image": torch.from_numpy(self._stack_pixels(items)).permute(0, 3, 1, 2),
             "text": self.tokenizer(flat),
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
             "corrupt": torch.tensor(corrupt, dtype=torch.long),
@@ -456,6 +454,11 @@ class ShardStream(IterableDataset):
                 [item["labels"] for item in items], dtype=torch.long
             ).reshape(len(items), len(self.label_tasks))
         return in_one_storage(batch)
+
+    def _stack_pixels(self, items: list[dict[str, Any]]) -> np.ndarray:
+        if not items:  # a finite stream's last batch may hold only a count of corrupt samples
+            return np.zeros((0, self.image_size, self.image_size, 3), dtype=np.uint8)
+        return np.stack([item["image"] for item in items])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         raw = self._shuffled(self._raw())
@@ -476,7 +479,9 @@ class ShardStream(IterableDataset):
             if len(items) == self.batch_size:
                 yield self._collate(items, corrupt + self.broken)
                 items, corrupt, self.broken = [], 0, 0
-        if items:  # only a finite stream (evaluation, tests) ever ends
+        # only a finite stream (evaluation, tests) ever ends; a last batch of nothing but
+        # corrupt samples still carries their count (with no images)
+        if items or corrupt + self.broken:
             yield self._collate(items, corrupt + self.broken)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from harness.config import EvalConfig
 from harness.data import eval_loader, prepare_batch
-from harness.manifest import LabelTask, Manifest
+from harness.manifest import DataError, LabelTask, Manifest
 from methods.base import Method
 
 RECALL_KS = (1, 5, 10)
@@ -156,11 +156,14 @@ def _probe_features(method, model, images, embedding=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _embed_split(method, model, loader, device, with_text: bool) -> _Embedded:
+def _embed_split(method, model, loader, device, with_text: bool, where: str) -> _Embedded:
+    """Embeddings of every readable sample; ``where`` names the split in errors."""
     images, texts, owners, probes, labels = [], [], [], [], []
     offset = corrupt = 0
     for batch in loader:
         corrupt += int(batch["corrupt"])
+        if batch["image"].shape[0] == 0:  # only a count of corrupt samples
+            continue
         batch = prepare_batch(batch, device)
         image = method.embed_images(model, batch["image"]).float().cpu()
         images.append(image)
@@ -170,6 +173,8 @@ def _embed_split(method, model, loader, device, with_text: bool) -> _Embedded:
         owners.append(batch["caption_owner"].cpu() + offset)
         labels.append(batch["labels"].cpu())
         offset += batch["image"].shape[0]
+    if not images:
+        raise DataError(f"{where} has no readable sample to evaluate ({corrupt} corrupt)")
     return _Embedded(
         image=torch.cat(images),
         text=torch.cat(texts) if with_text else None,
@@ -222,7 +227,8 @@ def evaluate(
     loader = eval_loader(manifest, config.split, **loader_kwargs)
     tokenize = loader.dataset.tokenizer
     with_text = method.has_text_tower(model)
-    test = _embed_split(method, model, loader, device, with_text)
+    where = f"split {config.split!r} of {manifest.root}"
+    test = _embed_split(method, model, loader, device, with_text, where)
     check_finite(f"{config.split} image embeddings", test.image)
     if with_text:
         check_finite(f"{config.split} caption embeddings", test.text)

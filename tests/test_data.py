@@ -154,7 +154,37 @@ def test_corrupt_samples_are_skipped_and_counted(tiny_data, tmp_path):
     stream = ShardStream(
         mixed, "test", batch_size=4, image_size=32, context_length=36, train=False, epochs=1
     )
-    assert list(make_loader(stream, 0)) == []  # nothing decodable, nothing yielded, no crash
+    # nothing decodable, no crash: one batch with no image carries the count
+    (batch,) = list(make_loader(stream, 0))
+    assert batch["image"].shape == (0, 3, 32, 32) and batch["text"].shape == (0, 36)
+    assert int(batch["corrupt"]) == 2
+
+
+def test_corrupt_samples_after_the_last_full_batch_are_still_counted(tiny_data, tmp_path):
+    import tarfile
+
+    good = load_manifest(tiny_data)
+    shard = good.splits["test"].shards[0]
+    with tarfile.open(good.root / shard.path) as src, tarfile.open(tmp_path / "t.tar", "w") as out:
+        members = src.getmembers()[:8]  # the first four samples: json and png each
+        for member in members:
+            out.addfile(member, src.extractfile(member))
+        for member in members[:4]:  # then two samples whose images are garbage
+            payload = src.extractfile(member).read()
+            payload = b"not an image" if member.name.endswith(".png") else payload
+            bad = tarfile.TarInfo("bad-" + member.name)
+            bad.size = len(payload)
+            out.addfile(bad, io.BytesIO(payload))
+    mixed = replace(
+        good, root=tmp_path,
+        splits={"test": replace(good.splits["test"], shards=[replace(shard, path="t.tar")])},
+    )  # fmt: skip
+    stream = ShardStream(
+        mixed, "test", batch_size=4, image_size=32, context_length=36, train=False, epochs=1
+    )
+    batches = list(make_loader(stream, 0))
+    assert [b["image"].shape[0] for b in batches] == [4, 0]
+    assert [int(b["corrupt"]) for b in batches] == [0, 2]
 
 
 def _damage(path, how: str) -> None:

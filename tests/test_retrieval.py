@@ -5,11 +5,13 @@ import torch
 
 from harness.evaluate import (
     NonFiniteEmbeddings,
+    _embed_split,
     check_finite,
     recall_at,
     retrieval_metrics,
     retrieval_ranks,
 )
+from harness.manifest import DataError
 
 # scores[i, j] = similarity of image i and caption j; caption owners below.
 SCORES = torch.tensor(
@@ -86,3 +88,9 @@ def test_non_finite_embeddings_are_refused_with_a_count():
     features[3] = float("inf")
     with pytest.raises(NonFiniteEmbeddings, match="2 of 5 test image embeddings are NaN or inf"):
         check_finite("test image embeddings", features)
+
+
+def test_a_split_with_no_readable_sample_is_refused_by_name():
+    only_a_count = {"image": torch.zeros(0, 3, 8, 8, dtype=torch.uint8), "corrupt": torch.tensor(3)}
+    with pytest.raises(DataError, match=r"split 'test' of /d has no readable .* \(3 corrupt\)"):
+        _embed_split(None, None, [only_a_count], torch.device("cpu"), True, "split 'test' of /d")
