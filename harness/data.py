@@ -293,6 +293,16 @@ def _member_spans(file: Any, data: mmap.mmap, url: str) -> Iterator[tuple[str, i
 # ---------------------------------------------------------------- the stream
 
 
+def batch_positions(batches: int, num_workers: int, batch_size: int) -> list[int]:
+    """Samples each reader role has consumed after ``batches`` global batches, counting only
+    full batches: exact unless some were corrupt. Batches are dealt round-robin over roles."""
+    readers = max(1, num_workers)
+    return [
+        (batches // readers + (1 if role < batches % readers else 0)) * batch_size
+        for role in range(readers)
+    ]
+
+
 class ShardStream(IterableDataset):
     """Batches from one split, for one rank, split over this rank's DataLoader workers."""
 
@@ -313,6 +323,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 0,
         epochs: int | None = None,
         skip_batches: int = 0,
+        skip_samples: list[int] | None = None,
         label_tasks: list[str] = (),
         labelled_only: bool = False,
     ) -> None:
@@ -323,6 +334,13 @@ class ShardStream(IterableDataset):
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.shuffle_buffer, self.epochs, self.skip_batches = shuffle_buffer, epochs, skip_batches
+        # per reader role: samples of its stream already consumed (resume). Without it the skip
+        # is skip_batches' share x batch_size, short by the corrupt samples those batches skipped
+        if skip_samples is not None and len(skip_samples) != self.num_workers:
+            raise ValueError(
+                f"skip_samples has {len(skip_samples)} readers, not {self.num_workers}"
+            )
+        self.skip_samples = skip_samples
         self.label_tasks = list(label_tasks)
         self.labelled_only = labelled_only  # skip, before decoding, samples with no task label
         self.broken = 0  # tar-level errors seen by this reader (per worker copy)
@@ -409,10 +427,11 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _batches_to_skip(self) -> int:
-        """Global batches are dealt round-robin over workers: this worker's share of the skip."""
-        role, n = self._logical_worker(), self.skip_batches
-        return n // self.num_workers + (1 if role < n % self.num_workers else 0)
+    def _samples_to_skip(self) -> int:
+        skip = self.skip_samples or batch_positions(
+            self.skip_batches, self.num_workers, self.batch_size
+        )
+        return skip[self._logical_worker()]
 
     # -- decoded samples and batches ---------------------------------
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
@@ -438,7 +457,11 @@ class ShardStream(IterableDataset):
         pixels = to_pixels(image, self.image_size, box)
         return {"image": pixels, "captions": captions, "index": index, "labels": labels}
 
-    def _collate(self, items: list[dict[str, Any]], corrupt: int) -> dict[str, torch.Tensor]:
+    def _collate(
+        self, items: list[dict[str, Any]], corrupt: int, consumed: int
+    ) -> dict[str, torch.Tensor]:
+        """One batch; ``consumed``: samples of this reader's stream through this batch (what a
+        resumed reader skips: ``skip_samples``)."""
         owners = [i for i, item in enumerate(items) for _ in item["captions"]]
         flat = [c for item in items for c in item["captions"]]
         batch = {
@@ -447,6 +470,7 @@ class ShardStream(IterableDataset):
             "text": self.tokenizer(flat),
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
             "corrupt": torch.tensor(corrupt, dtype=torch.long),
+            "consumed": torch.tensor(consumed, dtype=torch.long),
         }
         if not self.train:  # evaluation keeps every caption and who owns it
             batch["caption_owner"] = torch.tensor(owners, dtype=torch.long)
@@ -462,13 +486,15 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         raw = self._shuffled(self._raw())
-        skip = self._batches_to_skip() * self.batch_size
-        for _ in range(skip):
+        consumed = 0  # samples of this reader's stream, skipped ones included
+        for _ in range(self._samples_to_skip()):
             if next(raw, None) is None:
                 return
+            consumed += 1
         items: list[dict[str, Any]] = []
         corrupt = 0
         for sample in raw:
+            consumed += 1
             item = self._decode(sample)
             if item is _UNLABELLED:
                 continue
@@ -477,12 +503,12 @@ class ShardStream(IterableDataset):
                 continue
             items.append(item)
             if len(items) == self.batch_size:
-                yield self._collate(items, corrupt + self.broken)
+                yield self._collate(items, corrupt + self.broken, consumed)
                 items, corrupt, self.broken = [], 0, 0
         # only a finite stream (evaluation, tests) ever ends; a last batch of nothing but
         # corrupt samples still carries their count (with no images)
         if items or corrupt + self.broken:
-            yield self._collate(items, corrupt + self.broken)
+            yield self._collate(items, corrupt + self.broken, consumed)
 
 
 def in_one_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -555,6 +581,7 @@ def train_loader(
     rank: int,
     world_size: int,
     skip_batches: int = 0,
+    skip_samples: list[int] | None = None,
 ) -> DataLoader:
     stream = ShardStream(
         manifest,
@@ -570,6 +597,7 @@ def train_loader(
         num_workers=config.num_workers,
         shuffle_buffer=config.shuffle_buffer,
         skip_batches=skip_batches,
+        skip_samples=skip_samples,
     )
     return make_loader(stream, config.num_workers, config.worker_nice)
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from harness import checkpoint, distributed, faults
 from harness.config import ConfigError
-from harness.data import DataConfig, prepare_batch, train_loader
+from harness.data import DataConfig, batch_positions, prepare_batch, train_loader
 from harness.distributed import DistInfo
 from harness.manifest import Manifest
 from harness.metrics import MetricsLogger, NvmlSampler, PeakMemory
@@ -269,6 +269,9 @@ class Interrupted(RuntimeError):
 class TrainState:
     step: int = 0
     corrupt_samples: int = 0
+    # samples each of this rank's loader readers has consumed, corrupt ones included: where a
+    # resumed run's readers start (a batch count alone would miss the corrupt samples)
+    reader_samples: list[int] | None = None
 
 
 class Trainer:
@@ -323,7 +326,8 @@ class Trainer:
         self.on_step: Callable[[int], None] | None = None
 
     # -- checkpoints --------------------------------------------------
-    def checkpoint_payload(self) -> dict[str, Any]:
+    def checkpoint_payload(self, reader_samples: list[list[int]]) -> dict[str, Any]:
+        """Everything a resumed run needs; ``reader_samples``: every rank's, [rank][reader]."""
         return {
             "model": self.model.state_dict(),
             "method": self.method.state_dict(),
@@ -332,16 +336,35 @@ class Trainer:
             "step": self.state.step,
             "samples_seen": self.state.step * self.config.batch_size,
             "corrupt_samples": self.state.corrupt_samples,
-            "data_position": {"batches_consumed": self.state.step},
+            "data_position": {
+                "batches_consumed": self.state.step,
+                "reader_samples": reader_samples,
+            },
             "train_seconds_used": self.clock.elapsed(),
             "rng": checkpoint.rng_state(),
             "world_size": self.dist.world_size,
             "batch_size": self.config.batch_size,
         }
 
+    def _gather_reader_samples(self) -> list[list[int]]:
+        """Every rank's ``reader_samples`` (a collective: all ranks call it)."""
+        mine = torch.tensor(self._reader_samples(), dtype=torch.long, device=self.dist.device)
+        return distributed.all_gather(mine[None]).tolist()
+
+    def _reader_samples(self) -> list[int]:
+        if self.state.reader_samples is None:  # nothing consumed yet in this process
+            return batch_positions(
+                self.state.step, self.loader_args["config"].num_workers,
+                self.loader_args["per_rank_batch"],
+            )  # fmt: skip
+        return self.state.reader_samples
+
     def save_checkpoint(self) -> None:
+        reader_samples = self._gather_reader_samples()
         if self.dist.is_main:
-            checkpoint.save(checkpoint.latest(self.run_dir), self.checkpoint_payload())
+            checkpoint.save(
+                checkpoint.latest(self.run_dir), self.checkpoint_payload(reader_samples)
+            )
         distributed.barrier()
 
     def resume(self, path: Path) -> None:
@@ -359,7 +382,15 @@ class Trainer:
         checkpoint.load_state_strict(self.method, state["method"], "method state")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.state = TrainState(step=state["step"], corrupt_samples=state.get("corrupt_samples", 0))
+        # older checkpoints have no reader positions; another worker count deals the shards to
+        # readers differently, so its positions mean nothing here: both skip by batches
+        readers = state.get("data_position", {}).get("reader_samples")
+        mine = readers[self.dist.rank] if readers else None
+        if mine is not None and len(mine) != max(1, self.loader_args["config"].num_workers):
+            mine = None
+        self.state = TrainState(
+            step=state["step"], corrupt_samples=state.get("corrupt_samples", 0), reader_samples=mine
+        )
         self.clock.restore(state.get("train_seconds_used", 0.0))
         checkpoint.set_rng_state(state["rng"])
 
@@ -368,7 +399,13 @@ class Trainer:
         """Train to the budget; return a throughput summary. Raises Diverged / Interrupted."""
         cfg = self.config
         self.clock.restore(self.clock.used)  # the time budget counts from here, not set-up
-        loader = iter(train_loader(**self.loader_args, skip_batches=self.state.step))
+        self.state.reader_samples = self._reader_samples()
+        loader = iter(
+            train_loader(
+                **self.loader_args, skip_batches=self.state.step,
+                skip_samples=self.state.reader_samples,
+            )
+        )  # fmt: skip
         self.step_module.train()
         meter = _Meter(self.dist.device)
         bad_step = torch.full((), -1, dtype=torch.long, device=self.dist.device)
@@ -387,6 +424,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(loader)
                 t_data = time.perf_counter()
+                # batch i comes from reader i % readers (round-robin); a CPU tensor: no sync
+                readers = self.state.reader_samples
+                readers[self.state.step % len(readers)] = int(batch["consumed"])
                 faults.at_step(self.state.step, self.dist.rank)
                 terms = self._one_step(prepare_batch(batch, self.dist.device))
                 loss = terms["loss"].detach()

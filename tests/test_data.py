@@ -396,3 +396,29 @@ def test_images_decode_to_pillows_rgb_pixels_whatever_the_png_kind(monkeypatch):
     broken = buffer.getvalue()[:-40]  # cut inside the image data: no decoder makes pixels
     with pytest.raises(OSError, match="truncated"):  # Pillow's error: libspng's was caught
         decode_image({"png": broken})
+
+
+def test_a_resumed_reader_skips_the_corrupt_samples_it_had_consumed(tiny_data, tmp_path):
+    from tests.test_faults import copy_with_broken_pngs
+
+    copy_with_broken_pngs(tiny_data, tmp_path / "data", "train")  # 5 of shard 0's 50 samples
+    manifest = load_manifest(tmp_path / "data")
+
+    def batches(skip=0, skip_samples=None):
+        stream = ShardStream(
+            manifest, "train", batch_size=7, image_size=32, context_length=36, train=True,
+            augment="open_clip", seed=3, num_workers=2, shuffle_buffer=20, epochs=2,
+            skip_batches=skip, skip_samples=skip_samples,
+        )  # fmt: skip
+        return [
+            (b["index"].tolist(), int(b["corrupt"]), int(b["consumed"]))
+            for b in make_loader(stream, 2)
+        ]
+
+    full = batches()
+    stop = 60  # each reader is past its first epoch, shard 0 included
+    assert sum(corrupt for _, corrupt, _ in full[:stop]) >= 5
+    readers = [full[stop - 2][2], full[stop - 1][2]]  # batch i came from reader i % 2
+    assert [i for i, _, _ in batches(stop, readers)] == [i for i, _, _ in full[stop:]]
+    # counting the batches alone re-serves as many samples as were corrupt
+    assert [i for i, _, _ in batches(stop)] != [i for i, _, _ in full[stop:]]

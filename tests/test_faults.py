@@ -65,6 +65,38 @@ def test_a_crashed_torchrun_worker_marks_the_cell_failed_with_the_log_tail(tmp_p
     assert status["log_tail"]  # and the end of the log, torchrun's own summary
 
 
+@pytest.mark.slow
+def test_two_ranks_resume_past_corrupt_samples_as_if_never_stopped(tmp_path, tiny_data):
+    """Rank 1 crashes after the step-20 checkpoint; the rerun resumes both ranks' loader workers
+    at their own positions (corrupt samples included) and ends with the uninterrupted weights."""
+    data = tmp_path / "data"
+    copy_with_broken_pngs(tiny_data, data, "train")
+    extra = (
+        "Grid.nproc_per_node = 2\nRunConfig.device = 'cpu'\nBATCH_SIZE = 32\n"
+        "TRAIN_SAMPLES = 960\nTrainConfig.checkpoint_every_samples = 640\n"
+        "TrainConfig.deterministic = True"
+    )
+    path = write_grid(tmp_path, "{'SEED': [0]}", extra)
+    argv = ["harness.run", str(path), "--gin_param", f"DATA='{data}'"]
+    straight = run_cli(*argv, "--out", str(tmp_path / "straight"), timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    stopped = tmp_path / "stopped"
+    crashed = run_cli(*argv, "--out", str(stopped), env={"CLIPBENCH_FAULT": "crash@25@1"})
+    assert crashed.returncode == 0, crashed.stderr[-2000:]
+    (cell,) = cell_dirs(stopped)
+    saved = checkpoint.load(checkpoint.latest(cell))
+    assert saved["step"] == 20 and saved["corrupt_samples"] > 0
+    assert len(saved["data_position"]["reader_samples"]) == 2  # one row per rank
+    rerun = run_cli(*argv, "--out", str(stopped), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert read(f"{cell}/status.json")["status"] == "finished"
+    (straight_cell,) = cell_dirs(tmp_path / "straight")
+    a = checkpoint.load(checkpoint.latest(straight_cell))["model"]
+    b = checkpoint.load(checkpoint.latest(cell))["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
 def wait_for(predicate, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -45,6 +45,41 @@ def test_smoke_run_then_standalone_evaluator(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_after_corrupt_samples_matches_an_uninterrupted_run(
+    tiny_data, tmp_path, monkeypatch
+):
+    """The resumed loader starts where each reader stopped, corrupt samples included: a batch
+    count alone would serve again as many samples as were skipped as corrupt."""
+    from tests.test_faults import copy_with_broken_pngs
+
+    copy_with_broken_pngs(tiny_data, tmp_path / "data", "train")
+    bindings = [
+        f"DATA='{tmp_path / 'data'}'", *FAST, "TRAIN_SAMPLES=960", "METHOD='clip'",
+        "TrainConfig.checkpoint_every_samples=0", "TrainConfig.deterministic=True",
+    ]  # fmt: skip
+    smoke = [REPO / "configs/smoke.gin"]
+    straight = run_pipeline(smoke, bindings, out=tmp_path / "straight")
+    original = Trainer._one_step
+
+    def interrupt_at_step_17(self, batch):
+        terms = original(self, batch)
+        if self.state.step == 16:
+            os.kill(os.getpid(), signal.SIGINT)
+        return terms
+
+    monkeypatch.setattr(Trainer, "_one_step", interrupt_at_step_17)
+    with pytest.raises(SystemExit):
+        run_pipeline(smoke, bindings, out=tmp_path / "resumed")
+    monkeypatch.setattr(Trainer, "_one_step", original)
+    saved = checkpoint.load(checkpoint.latest(tmp_path / "resumed"))
+    assert saved["step"] == 20 and saved["corrupt_samples"] > 0  # the skip must cover some
+    resumed = run_pipeline(smoke, bindings, out=tmp_path / "resumed", resume=True)
+    a, b = saved_state(straight), saved_state(resumed)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
 def test_a_model_that_gives_nan_is_a_diverged_run_not_a_crash_or_a_perfect_score(
     tiny_data, tmp_path
 ):
