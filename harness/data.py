@@ -428,9 +428,9 @@ class ShardStream(IterableDataset):
         yield from buffer
 
     def _samples_to_skip(self) -> int:
-        skip = self.skip_samples or batch_positions(
-            self.skip_batches, self.num_workers, self.batch_size
-        )
+        skip = self.skip_samples
+        if skip is None:
+            skip = batch_positions(self.skip_batches, self.num_workers, self.batch_size)
         return skip[self._logical_worker()]
 
     # -- decoded samples and batches ---------------------------------
