@@ -6,8 +6,9 @@ Before a run trains, the harness counts its step's FLOPs (``harness.costs.count_
 copy of the model at the full per-rank batch, so that count must fit wherever the step fits.
 This prints both peaks: CUDA max_memory_allocated on a GPU, the process's peak RSS on the CPU
 (each after a reset, with what the process held before; on the CPU freed memory stays with the
-process, so the second figure there starts from the first one's high-water mark). The default model, method and batch
-are the GPU config's siclip teacher: ViT-L/14 at batch 512 under bf16 needs recomputation.
+process, so the second figure there starts from the first one's high-water mark). The default
+model, method and batch are the GPU config's siclip teacher: ViT-L/14 at batch 512 under bf16
+needs recomputation.
 """
 
 from __future__ import annotations

@@ -293,10 +293,15 @@ def _member_spans(file: Any, data: mmap.mmap, url: str) -> Iterator[tuple[str, i
 # ---------------------------------------------------------------- the stream
 
 
+def loader_readers(num_workers: int) -> int:
+    """Readers of one rank's stream: one per DataLoader worker, or one in-process (0 workers)."""
+    return max(1, num_workers)
+
+
 def batch_positions(batches: int, num_workers: int, batch_size: int) -> list[int]:
     """Samples each reader role has consumed after ``batches`` global batches, counting only
     full batches: exact unless some were corrupt. Batches are dealt round-robin over roles."""
-    readers = max(1, num_workers)
+    readers = loader_readers(num_workers)
     return [
         (batches // readers + (1 if role < batches % readers else 0)) * batch_size
         for role in range(readers)
@@ -332,7 +337,8 @@ class ShardStream(IterableDataset):
             p: s.first_index for p, s in zip(self.shards, manifest.split(split).shards, strict=True)
         }
         self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = loader_readers(num_workers)
         self.shuffle_buffer, self.epochs, self.skip_batches = shuffle_buffer, epochs, skip_batches
         # per reader role: samples of its stream already consumed (resume). Without it the skip
         # is skip_batches' share x batch_size, short by the corrupt samples those batches skipped

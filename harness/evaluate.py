@@ -46,7 +46,7 @@ class NonFiniteEmbeddings(ValueError):
 
 def check_finite(name: str, features: torch.Tensor) -> None:
     """Raise ``NonFiniteEmbeddings`` naming ``name`` and how many of its rows are not finite."""
-    bad = int((~torch.isfinite(features)).any(dim=1).sum()) if features.numel() else 0
+    bad = int((~torch.isfinite(features)).any(dim=1).sum())
     if bad:
         raise NonFiniteEmbeddings(
             f"{bad} of {features.shape[0]} {name} are NaN or inf; the model's weights or "

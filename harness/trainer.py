@@ -31,7 +31,13 @@ from tqdm import tqdm
 
 from harness import checkpoint, distributed, faults
 from harness.config import ConfigError
-from harness.data import DataConfig, batch_positions, prepare_batch, train_loader
+from harness.data import (
+    DataConfig,
+    batch_positions,
+    loader_readers,
+    prepare_batch,
+    train_loader,
+)
 from harness.distributed import DistInfo
 from harness.manifest import Manifest
 from harness.metrics import MetricsLogger, NvmlSampler, PeakMemory
@@ -386,7 +392,7 @@ class Trainer:
         # readers differently, so its positions mean nothing here: both skip by batches
         readers = state.get("data_position", {}).get("reader_samples")
         mine = readers[self.dist.rank] if readers else None
-        if mine is not None and len(mine) != max(1, self.loader_args["config"].num_workers):
+        if mine is not None and len(mine) != loader_readers(self.loader_args["config"].num_workers):
             mine = None
         self.state = TrainState(
             step=state["step"], corrupt_samples=state.get("corrupt_samples", 0), reader_samples=mine
@@ -403,7 +409,7 @@ class Trainer:
         loader = iter(
             train_loader(
                 **self.loader_args, skip_batches=self.state.step,
-                skip_samples=self.state.reader_samples,
+                skip_samples=list(self.state.reader_samples),  # the loop updates the state's
             )
         )  # fmt: skip
         self.step_module.train()
