@@ -231,7 +231,8 @@ def test_memory_bench_prints_both_peaks_and_refuses_custom_blocks_by_name(capsys
 
     assert memory.main(["--model", "micro-vit", "--batch", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "clip on micro-vit, batch 4, cpu, grad checkpointing off"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the bench uses the GPU when there is one
+    assert lines[0] == f"clip on micro-vit, batch 4, {device}, grad checkpointing off"
     for line, label in zip(lines[1:], ("forward + backward", "FLOP count"), strict=True):
         assert line.split()[: len(label.split())] == label.split()
         assert float(line.split("peak")[1].split("MB")[0]) > 0
