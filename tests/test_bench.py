@@ -231,10 +231,20 @@ def test_memory_bench_prints_both_peaks_and_refuses_custom_blocks_by_name(capsys
 
     assert memory.main(["--model", "micro-vit", "--batch", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the bench uses the GPU when there is one
+    device = (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )  # the bench uses the GPU when there is one
     assert lines[0] == f"clip on micro-vit, batch 4, {device}, grad checkpointing off"
     for line, label in zip(lines[1:], ("forward + backward", "FLOP count"), strict=True):
         assert line.split()[: len(label.split())] == label.split()
         assert float(line.split("peak")[1].split("MB")[0]) > 0
     with pytest.raises(ConfigError, match="CustomResidualAttentionBlock"):
         memory.main(["--model", "micro-vit", "--batch", "4", "--grad-checkpointing"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_nvml_cost_bench_refuses_a_machine_without_cuda_by_saying_so(capsys):
+    from bench import nvml_cost
+
+    assert nvml_cost.main(["--rounds", "1"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
