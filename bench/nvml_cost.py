@@ -2,13 +2,13 @@
 
 ``python -m bench.nvml_cost [--model ViT-B-32] [--batch 128] [--rounds 4] [--steps 40]``
 
-The trainer and ``bench.throughput``'s instrumented pass each run an ``NvmlSampler``: a Python
-thread that queries GPU utilisation and memory every 50 ms and so competes with the step for the
-GIL. This times the bare loop (``bench.bare``: open_clip CLIP, ClipLoss, fused AdamW, bf16
-autocast, batches already on the device) with 0, 1 and 2 samplers running, interleaved over
-rounds, and prints each round's median step time. A batch where the step is bound by its host
-thread is the case where a sampler thread could show. CUDA only: on a CPU there is nothing to
-sample.
+The trainer runs an ``NvmlSampler``: a Python thread that queries GPU utilisation and memory every
+50 ms and so competes with the step for the GIL; during ``bench.throughput``'s timed steps the
+bench runs a second one beside the trainer's. This times the bare loop (``bench.bare``: open_clip
+CLIP, ClipLoss, fused AdamW, bf16 autocast, batches already on the device) with 0, 1 and 2 samplers
+running, interleaved over rounds, and prints each round's median step time. A batch where the step
+is bound by its host thread is the case where a sampler thread could show. CUDA only: on a CPU
+there is nothing to sample.
 """
 
 from __future__ import annotations
