@@ -4,7 +4,8 @@ Retrieval. Every test image has several captions. An image query is ranked by it
 (correct at k if any of its captions is within the top k); a caption query by its own image.
 Ties are broken by index (an item with an equal score and a lower index ranks first), so ranks
 are deterministic. Similarities are computed in query chunks: memory is O(N * chunk).
-Per-query ranks go to ``eval_ranks.json`` for bootstrap confidence intervals.
+Per-query ranks go to ``eval_ranks.json`` for bootstrap confidence intervals, with each label
+task's per-image correctness and the test-image index of each of those images.
 
 Zero-shot. For each label task of the manifest: class embedding = normalised mean of the
 normalised embeddings of its prompts; prediction = argmax (first index on ties).
@@ -265,6 +266,7 @@ def _zero_shot(method, model, manifest, test, tokenize, device):
         correct = (pred == test.labels[has, t]).long()
         metrics[f"zeroshot_{task.name}_top1"] = 100.0 * int(correct.sum()) / len(correct)
         per_query[f"zeroshot_{task.name}_correct"] = correct.tolist()
+        per_query[f"zeroshot_{task.name}_image"] = has.nonzero().flatten().tolist()
         accs.append(metrics[f"zeroshot_{task.name}_top1"])
     if accs:
         metrics["zeroshot_mean_top1"] = float(np.mean(accs))
@@ -292,6 +294,7 @@ def _probe(method, model, manifest, config, loader_kwargs, test, device):
         correct = (pred == test.labels.numpy()[te, t]).astype(int)
         metrics[f"linprobe_{task.name}_top1"] = 100.0 * float(correct.mean())
         per_query[f"linprobe_{task.name}_correct"] = correct.tolist()
+        per_query[f"linprobe_{task.name}_image"] = np.flatnonzero(te).tolist()
         accs.append(metrics[f"linprobe_{task.name}_top1"])
     if accs:
         metrics["linprobe_mean_top1"] = float(np.mean(accs))

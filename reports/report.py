@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,10 @@ def fmt_estimate(e: stats.Estimate | None) -> str:
 def fmt_comparison(c: stats.Comparison | None) -> str:
     if c is None:
         return "—"
-    p = "p<0.001" if c.p_value < 0.001 else f"p={c.p_value:.3f}"
+    if math.isnan(c.p_value):
+        p = "p=n/a"
+    else:
+        p = "p<0.001" if c.p_value < 0.001 else f"p={c.p_value:.3f}"
     return f"{c.diff:+.1f} [{c.low:+.1f}, {c.high:+.1f}] {p}"
 
 
@@ -266,11 +270,12 @@ def _step_ms(t: dict) -> str:
 
 
 def _median_dict(dicts: list[dict]) -> dict:
+    """Each number's median over the seeds' runs (the mean of the middle two for an even count)."""
     out = {}
     for key in dicts[0]:
-        values = sorted(d[key] for d in dicts if isinstance(d.get(key), int | float))
+        values = [d[key] for d in dicts if isinstance(d.get(key), int | float)]
         if values:
-            out[key] = values[len(values) // 2]
+            out[key] = statistics.median(values)
     return out
 
 
@@ -368,10 +373,13 @@ def provenance(sweep: Sweep, peak: float | None, peak_how: str) -> str:
 STATS_NOTE = (
     "Cells show mean ± 95% CI (Student t) across seeds when there are several seeds, otherwise "
     "the single run's value with a 95% bootstrap CI over test images ([low, high]; "
-    f"{stats.BOOTSTRAP_SAMPLES} resamples of images, each with all its captions). The slope is the "
+    f"{stats.BOOTSTRAP_SAMPLES} resamples of images, each with all its captions; for the means over "
+    "label tasks, of the labelled images, each with its label in every task; a draw of exactly 0 "
+    "counts half to each tail of a p-value). The slope is the "
     "least-squares change of the metric per doubling of the batch (95% CI), over every run of the method. "
-    "Comparisons against clip are paired at the same batch and seed: a paired t-test across seeds, or "
-    "with one seed a paired bootstrap over the same resampled test images (two-sided percentile p-value). "
+    "Comparisons against clip are paired at the same batch and seed: a paired t-test across seeds "
+    "(p=n/a where every seed gives the same difference), or with one seed a paired bootstrap over "
+    "the same resampled test images (two-sided percentile p-value). "
     "The gap slope is the change of (method − clip) per doubling of the batch: negative means the "
     "method's advantage is larger at small batch (the direction SuperCLIP reports); with one seed its "
     "CI and p-value come from resampling the same test images for every batch and both methods."

@@ -58,17 +58,20 @@ class Queries:
     t2i_rank: np.ndarray  # one per caption
     caption_owner: np.ndarray  # image index of each caption
     correct: dict[str, np.ndarray]  # per labelled image, e.g. "zeroshot_shape"
+    # the test-image index of each entry of ``correct`` (absent from older eval_ranks.json)
+    images: dict[str, np.ndarray]
 
     @classmethod
     def from_json(cls, raw: dict) -> Queries:
-        correct = {
-            k[: -len("_correct")]: np.asarray(v) for k, v in raw.items() if k.endswith("_correct")
-        }
+        def by_suffix(suffix: str) -> dict[str, np.ndarray]:
+            return {k[: -len(suffix)]: np.asarray(v) for k, v in raw.items() if k.endswith(suffix)}
+
         return cls(
             i2t_rank=np.asarray(raw.get("i2t_rank", []), dtype=int),
             t2i_rank=np.asarray(raw.get("t2i_rank", []), dtype=int),
             caption_owner=np.asarray(raw.get("caption_owner", []), dtype=int),
-            correct=correct,
+            correct=by_suffix("_correct"),
+            images={k: v.astype(int) for k, v in by_suffix("_image").items()},
         )
 
 
@@ -82,10 +85,37 @@ def metric_from_queries(name: str) -> Callable[[Queries, np.ndarray], float] | N
         i2t, t2i = _recall("i2t", 1), _recall("t2i", 1)
         return lambda q, ids: 0.5 * (i2t(q, ids) + t2i(q, ids))
     for prefix in ("zeroshot_", "linprobe_"):
-        if name.startswith(prefix) and name.endswith("_top1") and not name.endswith("mean_top1"):
+        if name == f"{prefix}mean_top1":
+            return lambda q, ids, prefix=prefix: _mean_accuracy(q, prefix, ids)
+        if name.startswith(prefix) and name.endswith("_top1"):
             key = name[: -len("_top1")]
             return lambda q, ids, key=key: 100.0 * float(q.correct[key][ids].mean())
     return None
+
+
+def _task_columns(q: Queries, prefix: str) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """The labelled test images of a prefix's tasks: their number, and per task the positions
+    of its images among them with whether each was classified correctly. (0, []) when a task
+    lacks its image indices (files written before they were kept)."""
+    keys = sorted(k for k in q.correct if k.startswith(prefix))
+    if not keys or any(k not in q.images for k in keys):
+        return 0, []
+    labelled = np.unique(np.concatenate([q.images[k] for k in keys]))
+    return len(labelled), [(np.searchsorted(labelled, q.images[k]), q.correct[k]) for k in keys]
+
+
+def _mean_accuracy(q: Queries, prefix: str, ids: np.ndarray) -> float:
+    """Mean over tasks of top-1 accuracy on the drawn labelled test images (with multiplicity):
+    the images are resampled once for every task, as the tasks share them. A task none of whose
+    images was drawn makes the draw NaN (left out of the interval)."""
+    n, tasks = _task_columns(q, prefix)
+    drawn = np.bincount(ids, minlength=n)
+    accuracies = []
+    for positions, correct in tasks:
+        weight = drawn[positions]
+        total = weight.sum()
+        accuracies.append(100.0 * float((weight * correct).sum() / total) if total else math.nan)
+    return float(np.mean(accuracies))
 
 
 def _recall(direction: str, k: int) -> Callable[[Queries, np.ndarray], float]:
@@ -107,14 +137,18 @@ def _resamples(n: int) -> np.ndarray:
 
 
 def percentile_ci(draws: np.ndarray) -> tuple[float, float]:
-    """The central CONFIDENCE interval of bootstrap draws."""
-    low, high = np.percentile(draws, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    """The central CONFIDENCE interval of bootstrap draws (NaN draws left out)."""
+    q = [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2]
+    low, high = np.nanpercentile(draws, q)
     return float(low), float(high)
 
 
 def two_sided_p(draws: np.ndarray) -> float:
-    """Percentile-bootstrap p-value of "the quantity is 0": twice the smaller tail at 0."""
-    return float(min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean())))
+    """Percentile-bootstrap p-value of "the quantity is 0": twice the smaller tail at 0, a draw
+    of exactly 0 counting half to each tail (NaN draws left out)."""
+    d = draws[~np.isnan(draws)]
+    ties = 0.5 * (d == 0).mean()
+    return float(min(1.0, 2 * min((d < 0).mean() + ties, (d > 0).mean() + ties)))
 
 
 def bootstrap(q: Queries, name: str) -> Estimate | None:
@@ -130,6 +164,9 @@ def bootstrap(q: Queries, name: str) -> Estimate | None:
 
 
 def _population(q: Queries, name: str) -> int:
+    for prefix in ("zeroshot_", "linprobe_"):
+        if name == f"{prefix}mean_top1":
+            return _task_columns(q, prefix)[0]
     if name.startswith(("zeroshot_", "linprobe_")):
         key = name[: -len("_top1")]
         return len(q.correct.get(key, []))
@@ -153,11 +190,9 @@ def paired_seeds(method: Sequence[float], baseline: Sequence[float]) -> Comparis
         return None
     d = a - b
     est = t_interval(d)
-    p = (
-        float(stats.ttest_rel(a, b).pvalue)
-        if d.std(ddof=1) > 0
-        else (0.0 if d.mean() != 0 else 1.0)
-    )
+    # equal differences in every seed leave the t statistic undefined: no p-value (n/a),
+    # rather than a p of 0 from two seeds
+    p = float(stats.ttest_rel(a, b).pvalue) if d.std(ddof=1) > 0 else math.nan
     return Comparison(float(d.mean()), est.low, est.high, p, len(d), "paired t across seeds")
 
 

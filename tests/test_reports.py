@@ -7,6 +7,7 @@ import pytest
 from scipy import stats as sps
 
 from reports import build_report
+from reports import report as rpt
 from reports import stats as rstats
 from tests.conftest import run_cli
 
@@ -194,6 +195,78 @@ def test_single_seed_uses_a_bootstrap_over_test_images(tmp_path):
     comp = numbers["comparisons"]["i2t_r1"]["superclip"]["32"]
     assert comp["diff"] == pytest.approx(100 * (super_hits.mean() - clip_hits.mean()))
     assert comp["low"] > 0 and comp["p_value"] < 0.01  # superclip only adds hits here
+
+
+def labelled(prefix, tasks):
+    """eval_ranks.json entries of label tasks: name -> (test-image indices, correct flags)."""
+    out = {}
+    for name, (images, correct) in tasks.items():
+        out[f"{prefix}_{name}_image"] = [int(i) for i in images]
+        out[f"{prefix}_{name}_correct"] = [int(c) for c in correct]
+    return out
+
+
+def test_mean_accuracy_over_tasks_resamples_the_images_the_tasks_share():
+    # shape labels images 0-3, colour images 2-5: six labelled images in all
+    q = rstats.Queries.from_json(
+        labelled(
+            "zeroshot",
+            {"shape": ([0, 1, 2, 3], [1, 0, 1, 1]), "colour": ([2, 3, 4, 5], [0, 0, 1, 1])},
+        )
+    )
+    mean = rstats.metric_from_queries("zeroshot_mean_top1")
+    assert mean(q, np.arange(6)) == pytest.approx((75.0 + 50.0) / 2)
+    # draw image 2 (both tasks: right, wrong) twice and image 5 (colour: right) once
+    assert mean(q, np.array([2, 2, 5])) == pytest.approx((100.0 + 100 / 3) / 2)
+    assert np.isnan(mean(q, np.array([0, 1])))  # no colour image drawn: the draw is left out
+    est = rstats.bootstrap(q, "zeroshot_mean_top1")
+    assert est.how == "bootstrap" and est.mean == pytest.approx(62.5)
+    assert est.low < est.mean < est.high
+    older = rstats.Queries.from_json({"zeroshot_shape_correct": [1, 0]})
+    assert rstats.bootstrap(older, "zeroshot_mean_top1") is None  # no image indices: no CI
+
+
+def test_single_seed_compares_zero_shot_and_probe_means_by_bootstrap(tmp_path):
+    rng = np.random.default_rng(2)
+    images = np.arange(300)
+    base = {t: rng.random(300) < 0.5 for t in ("shape", "colour")}
+    better = {t: hits | (rng.random(300) < 0.4) for t, hits in base.items()}
+    cells = []
+    for method, hits in (("clip", base), ("superclip", better)):
+        per_q = {}
+        metrics = {}
+        for prefix in ("zeroshot", "linprobe"):
+            per_q |= labelled(prefix, {t: (images, h) for t, h in hits.items()})
+            metrics[f"{prefix}_mean_top1"] = 100 * np.mean([h.mean() for h in hits.values()])
+        cells.append((method, 32, 0, metrics, {"per_query": per_q}))
+    sweep = write_sweep(tmp_path / "s", cells)
+    build_report(sweep)
+    numbers = json.loads((sweep / "report.json").read_text())
+    for metric in ("zeroshot_mean_top1", "linprobe_mean_top1"):
+        est = numbers["metrics"][metric]["clip"]["by_batch"]["32"]
+        assert est["how"] == "bootstrap" and est["low"] < est["mean"] < est["high"]
+        comp = numbers["comparisons"][metric]["superclip"]["32"]
+        assert comp["low"] > 0 and comp["p_value"] < 0.01
+    text = (sweep / "REPORT.md").read_text()
+    assert "#### zeroshot_mean_top1: method − clip" in text
+    assert "#### linprobe_mean_top1: method − clip" in text
+
+
+def test_bootstrap_p_value_counts_a_draw_of_zero_half_to_each_tail():
+    assert rstats.two_sided_p(np.array([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.5)
+    assert rstats.two_sided_p(np.array([1.0, 2.0, 3.0, 4.0])) == 0.0
+    assert rstats.two_sided_p(np.array([-1.0, 1.0, np.nan])) == pytest.approx(1.0)
+
+
+def test_equal_differences_in_every_seed_have_no_t_test_p_value():
+    comp = rstats.paired_seeds([35.1, 20.1], [35.0, 20.0])
+    assert comp.diff == pytest.approx(0.1) and np.isnan(comp.p_value)
+    assert rpt.fmt_comparison(comp).endswith("p=n/a")
+
+
+def test_throughput_median_over_an_even_number_of_seeds_is_the_middle_mean():
+    runs = [{"samples_per_s": v, "peak_memory_mb": m} for v, m in ((100, 5), (300, 7))]
+    assert rpt._median_dict(runs) == {"samples_per_s": 200, "peak_memory_mb": 6}
 
 
 def test_bootstrap_of_a_perfect_run_is_degenerate():

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from harness import checkpoint
 from harness.config import ConfigError
 from harness.pipeline import run_pipeline
 from harness.trainer import Trainer
+from reports import stats as rstats
 from tests.conftest import REPO, run_cli
 
 FAST = ["MODEL='micro-vit'", "TrainConfig.progress_bar=False", "EvalConfig.probe_train_samples=100"]
@@ -37,6 +39,15 @@ def test_smoke_run_then_standalone_evaluator(tiny_data, tmp_path):
     assert speed["gpu_util_mean_pct"] is None and speed["gpu_nvml"] == "no GPU (CPU run)"
     ranks = json.loads((out / "eval_ranks.json").read_text())
     assert len(ranks["i2t_rank"]) == 60 and len(ranks["t2i_rank"]) == 180
+    # each label task's correctness comes with its test images: the report resamples those
+    for prefix in ("zeroshot", "linprobe"):
+        tasks = [k[: -len("_correct")] for k in ranks if k.startswith(prefix) and "_correct" in k]
+        assert tasks and all(len(ranks[f"{t}_image"]) == len(ranks[f"{t}_correct"]) for t in tasks)
+        every_image = np.arange(len({i for t in tasks for i in ranks[f"{t}_image"]}))
+        mean = rstats.metric_from_queries(f"{prefix}_mean_top1")
+        assert mean(rstats.Queries.from_json(ranks), every_image) == pytest.approx(
+            trained[f"{prefix}_mean_top1"]
+        )
 
     (out / "eval.json").unlink()
     again = run_cli("harness.evaluate", str(out))
