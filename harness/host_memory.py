@@ -20,16 +20,36 @@ M_MMAP_MAX = -4
 TRIM_ABOVE = 2**31 - 1  # bytes free at the heap top before glibc trims it: the int maximum
 
 
-def keep_freed_memory() -> bool:
-    """Turn off glibc's mmap for large blocks and heap trimming; False where there is no glibc."""
+def _glibc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl, macOS: AttributeError)
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Turn off glibc's mmap for large blocks and heap trimming; False where there is no glibc."""
+    libc = _glibc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE))
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free pages back to the kernel now (glibc's malloc_trim), so that the
+    resident set is what the process holds, not the peak of whatever ran before (a shared
+    stage trained in the same process, the FLOP count's passes). False where there is no glibc.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim(0)
+    return True

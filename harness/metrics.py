@@ -6,6 +6,7 @@ logged before it died; a reader skips a torn last line.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import resource
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from harness import host_memory
 
 
 class MetricsLogger:
@@ -84,10 +87,17 @@ class PeakMemory:
         self.device = device
         self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"
 
-    def reset(self) -> None:
+    def reset(self, *, release_freed: bool = False) -> None:
+        """Start a new peak. On CPU, VmHWM restarts from the resident set, which holds the heap
+        that earlier work freed (``host_memory.keep_freed_memory`` keeps it): ``release_freed``
+        hands that back to the kernel first, so it does not count as this peak. (Not between
+        warm-up and timed steps: the timed steps would page their buffers in again.)"""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        if release_freed:
+            gc.collect()
+            host_memory.release_free_memory()
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:

@@ -570,7 +570,9 @@ class _Timing:
         self.gpu = NvmlSampler(device)
 
     def __enter__(self) -> _Timing:
-        self.peak.reset()  # cost counting's forward and backward ran before: not this run's peak
+        # not this run's peak: the FLOP count's passes, or a shared stage trained before in
+        # this process (their freed heap is handed back; the warm-up interval pages it in again)
+        self.peak.reset(release_freed=True)
         self.gpu.start()
         self.start = time.perf_counter()
         return self
