@@ -160,7 +160,7 @@ def _check_stages(
     """Check every stage the cell will run with the batch, model and data it will train on;
     nothing runs. ``spec`` is the cell's parsed config; a stage with bindings of its own is
     parsed with them, its inputs (earlier stages' directories) unbound: they do not exist yet."""
-    from harness.pipeline import stages_of
+    from harness.pipeline import check_stage_macros, stages_of
 
     stages = stages_of(spec)  # builds the cell's method, so checks it
     for stage in stages:
@@ -172,6 +172,7 @@ def _check_stages(
             _check_stage(stage_spec, grid, manifests)
         except ValueError as e:  # ConfigError, DataError, ModelError...
             raise ConfigError(e if len(stages) == 1 else f"stage {stage.name!r}: {e}") from None
+        check_stage_macros(stage, stage_spec)  # its message names the stage
 
 
 def _check_stage(spec, grid: Grid, manifests: dict) -> None:

@@ -11,6 +11,7 @@ keeps two concurrent runs from training the same shared stage twice.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import os
@@ -81,14 +82,41 @@ def plan_runs(
                 )
             extra.append(f"{param} = '{Path(done[source]).resolve()}'")  # valid from any cwd
         stage_bindings = [*bindings, *extra]
+        config.parse(config_files, stage_bindings)
+        check_stage_macros(stage, config.resolve())
         if stage.shared:
-            config.parse(config_files, stage_bindings)
             run_dir = shared_root / f"{stage.name}-{shared_stage_hash()}"
         else:
             run_dir = out / stage.name
         done[stage.name] = run_dir
         runs.append(StageRun(stage, stage_bindings, run_dir))
     return runs
+
+
+# The macros a stage may set, and the config field base.gin binds each one to. A direct binding
+# of that field (``TrainConfig.train_samples = ...``) outranks the macro, so the stage's value
+# would be silently lost; check_stage_macros refuses that.
+STAGE_MACROS = {
+    "METHOD": ("RunConfig.method", lambda spec: spec.run.method),
+    "MODEL": ("RunConfig.model", lambda spec: spec.run.model),
+    "BATCH_SIZE": ("TrainConfig.batch_size", lambda spec: spec.train.batch_size),
+    "TRAIN_SAMPLES": ("TrainConfig.train_samples", lambda spec: spec.train.train_samples),
+}
+
+
+def check_stage_macros(stage: Stage, spec: config.RunSpec) -> None:
+    """Every macro the stage sets must reach the resolved config."""
+    for binding in stage.bindings:
+        name, _, value = (part.strip() for part in binding.partition("="))
+        if name not in STAGE_MACROS:
+            continue
+        target, read = STAGE_MACROS[name]
+        wanted, got = ast.literal_eval(value), read(spec)
+        if got != wanted:
+            raise config.ConfigError(
+                f"stage {stage.name!r} sets {name} = {wanted!r}, but {target} resolves to "
+                f"{got!r}: a binding of {target} itself overrides the macro; bind {name} instead"
+            )
 
 
 def shared_stage_hash() -> str:

@@ -81,6 +81,13 @@ def test_cells_are_named_by_values_and_config_hash(tmp_path, tiny_data):
             {"extra": "siclip.teacher_model = 'micro-vit-teacher'"},
             "stage 'teacher': BATCH_SIZE=512 is larger than the training split",
         ),
+        # a stage's budget is a macro: a direct binding of the field would silently win
+        (
+            "{'METHOD': ['superclass'], 'BATCH_SIZE': [32]}",
+            {"extra": "TrainConfig.train_samples = 320"},
+            "METHOD='superclass'.*: stage 'lit' sets TRAIN_SAMPLES = 160, but TrainConfig.train_samples "
+            "resolves to 320.*bind TRAIN_SAMPLES instead",
+        ),
     ],
 )
 def test_every_cell_is_validated_before_any_runs(tmp_path, tiny_data, axes, grid_kwargs, message):

@@ -11,7 +11,7 @@ import torch
 import methods
 from harness import checkpoint
 from harness.config import ConfigError
-from harness.pipeline import run_pipeline
+from harness.pipeline import plan_runs, run_pipeline
 from harness.trainer import Trainer
 from reports import stats as rstats
 from tests.conftest import REPO, run_cli
@@ -192,3 +192,18 @@ def test_resume_after_sigint_matches_an_uninterrupted_run(method, tiny_data, tmp
     assert [x["step"] for x in lines][-2:] == [15, 20] and 10 in [x["step"] for x in lines]
     metrics_a = json.loads((straight / "eval.json").read_text())
     assert json.loads((resumed / "eval.json").read_text()) == pytest.approx(metrics_a, abs=1e-6)
+
+
+def test_a_direct_binding_that_would_override_a_stage_macro_is_refused(tiny_data, tmp_path):
+    """superclass's LiT stage sets TRAIN_SAMPLES to half the budget; a binding of the field
+    itself would win over it without a word, so planning refuses it and names the macro."""
+    smoke = [REPO / "configs/smoke.gin"]
+    base = [f"DATA='{tiny_data}'", "METHOD='superclass'"]
+    runs = plan_runs(smoke, [*base, "TRAIN_SAMPLES=320"], out=tmp_path / "run")
+    assert [r.stage.name for r in runs] == ["cls", "lit"] and "TRAIN_SAMPLES = 160" in runs[
+        1
+    ].bindings
+    with pytest.raises(
+        ConfigError, match=r"stage 'lit' sets TRAIN_SAMPLES = 160.*bind TRAIN_SAMPLES"
+    ):
+        plan_runs(smoke, [*base, "TrainConfig.train_samples=320"], out=tmp_path / "run")
