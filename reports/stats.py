@@ -19,6 +19,7 @@ from scipy import stats
 CONFIDENCE = 0.95
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
+LABEL_PREFIXES = ("zeroshot_", "linprobe_")  # per-image correctness: zero-shot, linear probe
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,23 @@ class Queries:
     correct: dict[str, np.ndarray]  # per labelled image, e.g. "zeroshot_shape"
     # the test-image index of each entry of ``correct`` (absent from older eval_ranks.json)
     images: dict[str, np.ndarray]
+    # per metric prefix, from correct and images (``_label_columns``): read by every draw
+    label_columns: dict[str, tuple]
 
     @classmethod
     def from_json(cls, raw: dict) -> Queries:
         def by_suffix(suffix: str) -> dict[str, np.ndarray]:
             return {k[: -len(suffix)]: np.asarray(v) for k, v in raw.items() if k.endswith(suffix)}
 
+        correct = by_suffix("_correct")
+        images = {k: v.astype(int) for k, v in by_suffix("_image").items()}
         return cls(
             i2t_rank=np.asarray(raw.get("i2t_rank", []), dtype=int),
             t2i_rank=np.asarray(raw.get("t2i_rank", []), dtype=int),
             caption_owner=np.asarray(raw.get("caption_owner", []), dtype=int),
-            correct=by_suffix("_correct"),
-            images={k: v.astype(int) for k, v in by_suffix("_image").items()},
+            correct=correct,
+            images=images,
+            label_columns={p: _label_columns(correct, images, p) for p in LABEL_PREFIXES},
         )
 
 
@@ -84,7 +90,7 @@ def metric_from_queries(name: str) -> Callable[[Queries, np.ndarray], float] | N
     if name == "mean_r1":
         i2t, t2i = _recall("i2t", 1), _recall("t2i", 1)
         return lambda q, ids: 0.5 * (i2t(q, ids) + t2i(q, ids))
-    for prefix in ("zeroshot_", "linprobe_"):
+    for prefix in LABEL_PREFIXES:
         if name == f"{prefix}mean_top1":
             return lambda q, ids, prefix=prefix: _mean_accuracy(q, prefix, ids)
         if name.startswith(prefix) and name.endswith("_top1"):
@@ -93,22 +99,24 @@ def metric_from_queries(name: str) -> Callable[[Queries, np.ndarray], float] | N
     return None
 
 
-def _task_columns(q: Queries, prefix: str) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
+def _label_columns(
+    correct: dict[str, np.ndarray], images: dict[str, np.ndarray], prefix: str
+) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
     """The labelled test images of a prefix's tasks: their number, and per task the positions
     of its images among them with whether each was classified correctly. (0, []) when a task
     lacks its image indices (files written before they were kept)."""
-    keys = sorted(k for k in q.correct if k.startswith(prefix))
-    if not keys or any(k not in q.images for k in keys):
+    keys = sorted(k for k in correct if k.startswith(prefix))
+    if not keys or any(k not in images for k in keys):
         return 0, []
-    labelled = np.unique(np.concatenate([q.images[k] for k in keys]))
-    return len(labelled), [(np.searchsorted(labelled, q.images[k]), q.correct[k]) for k in keys]
+    labelled = np.unique(np.concatenate([images[k] for k in keys]))
+    return len(labelled), [(np.searchsorted(labelled, images[k]), correct[k]) for k in keys]
 
 
 def _mean_accuracy(q: Queries, prefix: str, ids: np.ndarray) -> float:
     """Mean over tasks of top-1 accuracy on the drawn labelled test images (with multiplicity):
     the images are resampled once for every task, as the tasks share them. A task none of whose
     images was drawn makes the draw NaN (left out of the interval)."""
-    n, tasks = _task_columns(q, prefix)
+    n, tasks = q.label_columns[prefix]
     drawn = np.bincount(ids, minlength=n)
     accuracies = []
     for positions, correct in tasks:
@@ -164,10 +172,10 @@ def bootstrap(q: Queries, name: str) -> Estimate | None:
 
 
 def _population(q: Queries, name: str) -> int:
-    for prefix in ("zeroshot_", "linprobe_"):
+    for prefix in LABEL_PREFIXES:
         if name == f"{prefix}mean_top1":
-            return _task_columns(q, prefix)[0]
-    if name.startswith(("zeroshot_", "linprobe_")):
+            return q.label_columns[prefix][0]
+    if name.startswith(LABEL_PREFIXES):
         key = name[: -len("_top1")]
         return len(q.correct.get(key, []))
     return len(q.i2t_rank)
