@@ -559,15 +559,20 @@ def prepare_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]
     return out
 
 
-def make_loader(stream: ShardStream, num_workers: int, worker_nice: int = 0) -> DataLoader:
-    """One DataLoader per stream; batches are already assembled inside the workers."""
+def make_loader(
+    stream: ShardStream, num_workers: int, worker_nice: int = 0, pin_memory: bool | None = None
+) -> DataLoader:
+    """One DataLoader per stream; batches are already assembled inside the workers.
+
+    ``pin_memory`` defaults to whether CUDA is there (page-locked batches copy to it faster).
+    """
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         worker_init_fn=functools.partial(_renice, worker_nice) if worker_nice else None,
     )
 
