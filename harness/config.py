@@ -179,13 +179,27 @@ def check_macros_used(bindings: list[str]) -> None:
         )
 
 
+# NAME=word with the word unquoted: what a shell leaves of --gin_param METHOD='clip'.
+BARE_WORD_BINDING = re.compile(r"^\s*([\w./]+)\s*=\s*([A-Za-z_][\w-]*)\s*$")
+# Python's literal parser names an object by its address: noise in a message for users.
+AST_NODE = re.compile(r"malformed node or string on line \d+: <ast\.\w+ object at 0x[0-9a-f]+>\s*")
+
+
 def _clean(error: Exception, bindings: list[str]) -> str:
-    text = str(error).strip() or repr(error)
+    text = AST_NODE.sub("", str(error).strip()) or repr(error)
     required = re.search(r"(\w+)/macro\.value set to `%gin\.REQUIRED`", text)
     if required:
         name = required.group(1)
         return f"this config requires {name}: pass --gin_param \"{name}=...\" (e.g. {name}='path')"
     if isinstance(error, SyntaxError | tokenize.TokenError) and bindings:
+        for binding in bindings:
+            bare = BARE_WORD_BINDING.match(binding)
+            if bare and bare.group(2) not in ("True", "False", "None"):
+                name, word = bare.groups()
+                return (
+                    f"--gin_param {binding!r}: {word} is not a value gin can read; a string "
+                    f"needs quotes: {name}='{word}' (in a shell: --gin_param \"{name}='{word}'\")"
+                )
         return f"malformed --gin_param binding among {list(bindings)}: {text}"
     return text
 

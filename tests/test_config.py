@@ -77,6 +77,16 @@ def test_malformed_gin_names_file_and_line(tmp_path, capsys):
     assert code == 2 and str(bad) in err and "line 3" in err and "malformed" in err
 
 
+@pytest.mark.parametrize("binding", ["METHOD=clipp", "DataConfig.num_workers=two"])
+def test_an_unquoted_string_binding_says_to_quote_it(binding, capsys):
+    """The shell eats the quotes of --gin_param METHOD='clip'; say so, not what Python's
+    literal parser says (an AST node and its address)."""
+    code, err = run_main(capsys, "configs/smoke.gin", "--gin_param", binding)
+    name, word = binding.split("=")
+    assert code == 2 and f"{name}='{word}'" in err and "needs quotes" in err
+    assert "object at 0x" not in err
+
+
 def test_unclosed_bracket_names_file(tmp_path, capsys):
     bad = tmp_path / "eof.gin"
     bad.write_text("TrainConfig.lr = (1e-3,\n")
