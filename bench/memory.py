@@ -23,6 +23,7 @@ from bench.measure import sync
 from harness import models
 from harness.costs import count_costs, synthetic_batch
 from harness.data import prepare_batch
+from harness.errors import report_errors
 from harness.metrics import PeakMemory
 from harness.trainer import TrainStep, autocast, enable_grad_checkpointing
 
@@ -44,14 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=512, help="per-rank batch")
     parser.add_argument("--grad-checkpointing", action="store_true")
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch}: need at least 1")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = models.model_config(args.model)
-    method = methods.build_method(args.method)
-    torch.manual_seed(0)
-    model = method.build_model(cfg)
-    if args.grad_checkpointing:
-        enable_grad_checkpointing(model)
+    with report_errors():  # an unknown model or method, or blocks it cannot recompute
+        cfg = models.model_config(args.model)
+        method = methods.build_method(args.method)
+        torch.manual_seed(0)
+        model = method.build_model(cfg)
+        if args.grad_checkpointing:
+            enable_grad_checkpointing(model)
     step = TrainStep(model, method).to(device)
     size, context = models.image_size(cfg), models.context_length(cfg)
 

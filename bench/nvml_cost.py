@@ -24,6 +24,7 @@ from bench.bare import time_bare_loop
 from harness import models
 from harness.costs import synthetic_batch
 from harness.data import prepare_batch
+from harness.errors import report_errors
 from harness.metrics import NvmlSampler
 from harness.trainer import autocast
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     device = torch.device("cuda")
-    cfg = models.model_config(args.model)
+    with report_errors():
+        cfg = models.model_config(args.model)
     size, context = models.image_size(cfg), models.context_length(cfg)
     batches = []
     for _ in range(4):

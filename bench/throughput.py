@@ -40,12 +40,15 @@ import torch
 
 from bench import comm, report
 from bench.bare import time_bare_loop
-from bench.cell import Cell, build_cell, cell_bindings
+from bench.cell import BASE_CONFIG, Cell, build_cell, cell_bindings
 from bench.measure import load_average, machine
 from bench.phases import PHASES_NOTE, time_loader, time_phases, time_steps
-from harness import distributed
+from harness import config, distributed
 from harness.costs import count_costs, device_peak_flops
 from harness.data import prepare_batch, train_loader
+from harness.distributed import DistInfo
+from harness.errors import report_errors
+from harness.train import validate
 from harness.trainer import autocast
 from methods import registered_names
 
@@ -183,6 +186,21 @@ def cells(args: argparse.Namespace) -> list[tuple[str, int]]:
     return [(m, b) for b in args.batch_sizes for m in methods]
 
 
+def check_cells(args: argparse.Namespace, dist: DistInfo) -> None:
+    """Every cell's config, model and data, checked as a run checks them before anything is
+    measured: a bad binding, model name or batch size is one error, not a failed row per cell
+    in a report written half-way."""
+    with tempfile.TemporaryDirectory(prefix="bench-check-") as tmp:
+        for method, batch in dict.fromkeys(cells(args)):
+            bindings = cell_bindings(
+                "clip" if method in BASELINES else method, batch, model=args.model,
+                steps=args.warmup + args.steps, workdir=Path(tmp), data=args.data,
+                extra=args.gin_param,
+            )  # fmt: skip
+            config.parse([BASE_CONFIG], bindings)
+            validate(config.resolve(), dist)
+
+
 def run_subprocess(args: argparse.Namespace, method: str, batch: int, peak, out: Path) -> dict:
     """One cell in a fresh Python process (same options), so no state carries between cells."""
     cmd = [sys.executable, "-m", "bench.throughput", "--cell", method, str(batch),
@@ -203,12 +221,15 @@ def run_subprocess(args: argparse.Namespace, method: str, batch: int, peak, out:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     in_process = args.in_process or distributed.env_world_size() > 1
-    device = distributed.init("auto").device
+    dist = distributed.init("auto")
+    device = dist.device
     peak = (float(args.peak[0]), args.peak[1]) if args.peak else device_peak_flops(device)
     if args.cell:  # a child process: one cell, written to --cell-out
         record = run_cell(args, args.cell[0], int(args.cell[1]), peak)
         args.cell_out.write_text(json.dumps(record, indent=1, default=str))
         return 0
+    with report_errors():
+        check_cells(args, dist)
     out = args.out or Path("reports/bench") / time.strftime("%Y%m%d-%H%M%S")
     header = {
         **machine(device),

@@ -40,6 +40,7 @@ import webdataset as wds
 from bench.measure import load_average, machine, now, summarise_ms
 from harness import models
 from harness.data import IMAGE_KEYS, DataConfig, resolve_manifest, sample_meta
+from harness.errors import report_errors
 from harness.manifest import Manifest, write_json_atomic
 
 SIDES = ("open_clip", "open_clip_fused", "harness")
@@ -231,6 +232,7 @@ def harness_train_settings(batch_size: int, model: str) -> dict[str, Any]:
 
     config.parse(["configs/base.gin"], [f"BATCH_SIZE = {batch_size}", f"MODEL = '{model}'"])
     spec = config.resolve()
+    models.model_config(model)  # an unknown name is refused here, not inside a worker
     t = spec.train
     return {
         "scaled_lr": t.scaled_lr, "weight_decay": t.weight_decay, "beta1": t.beta1,
@@ -331,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_main(args.worker, json.loads(args.worker_opts), args.worker_out)
         return 0
     sides = [s for s in SIDES if s in args.sides and s != "harness"] + ["harness"]
-    train = harness_train_settings(args.batch_size, args.model)
+    with report_errors():
+        train = harness_train_settings(args.batch_size, args.model)
     workers = train["num_workers"] if args.workers is None else args.workers
     manifest = resolve_manifest(DataConfig())
     steps = args.warmup + args.steps

@@ -12,7 +12,6 @@ import torch
 
 from bench import report
 from bench.vs_open_clip import convert_for_open_clip, open_clip_compat
-from harness.config import ConfigError
 from harness.manifest import load_manifest
 from tests.conftest import run_cli
 from tests.dist_utils import free_port
@@ -139,6 +138,43 @@ def test_rounds_take_each_ratio_within_a_round_and_show_the_median_round():
     assert "clip ÷ bare 1.100;" in one and "[" not in one.split("- batch 8:")[1].split(";")[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-sizes", "8", "0"], "TrainConfig.batch_size=0 is out of range"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--gin_param", "TrainConfig.lr=-1"], "TrainConfig.lr=-1 is out of range"),
+        (["--batch-sizes", "100000"], "BATCH_SIZE=100000 is larger than the training split"),
+    ],
+)
+def test_throughput_refuses_bad_input_before_measuring(args, message, tiny_data, tmp_path, capsys):
+    """One error line, exit code 2 and no report folder, not a failed row per cell."""
+    from bench import throughput
+
+    out = tmp_path / "bench"
+    base = ["--methods", "clip", "--model", "micro-vit", "--data", str(tiny_data)]
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main([*base, *args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--model", "nope"], "unknown model 'nope'"), (["--batch-size", "-3"], "out of range")],
+)
+def test_vs_open_clip_refuses_bad_input_before_any_work(args, message, tmp_path, capsys):
+    from bench import vs_open_clip
+
+    workdir = tmp_path / "work"
+    with pytest.raises(SystemExit) as exit_info:
+        vs_open_clip.main([*args, "--workdir", str(workdir), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and message in err
+    assert not workdir.exists() and not (tmp_path / "out").exists()
+
+
 def test_throughput_rounds_interleave_cells_batch_by_batch(tiny_data, tmp_path):
     out = tmp_path / "bench"
     done = run_cli(
@@ -238,8 +274,10 @@ def test_memory_bench_prints_both_peaks_and_refuses_custom_blocks_by_name(capsys
     for line, label in zip(lines[1:], ("forward + backward", "FLOP count"), strict=True):
         assert line.split()[: len(label.split())] == label.split()
         assert float(line.split("peak")[1].split("MB")[0]) > 0
-    with pytest.raises(ConfigError, match="CustomResidualAttentionBlock"):
+    with pytest.raises(SystemExit) as exit_info:
         memory.main(["--model", "micro-vit", "--batch", "4", "--grad-checkpointing"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "CustomResidual" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
