@@ -59,9 +59,8 @@ class Queries:
     t2i_rank: np.ndarray  # one per caption
     caption_owner: np.ndarray  # image index of each caption
     correct: dict[str, np.ndarray]  # per labelled image, e.g. "zeroshot_shape"
-    # the test-image index of each entry of ``correct`` (absent from older eval_ranks.json)
-    images: dict[str, np.ndarray]
-    # per metric prefix, from correct and images (``_label_columns``): read by every draw
+    # per metric prefix, from ``correct`` and each entry's test-image index (``*_image`` in
+    # eval_ranks.json, absent from older files; ``_label_columns``): read by every draw
     label_columns: dict[str, tuple]
 
     @classmethod
@@ -76,7 +75,6 @@ class Queries:
             t2i_rank=np.asarray(raw.get("t2i_rank", []), dtype=int),
             caption_owner=np.asarray(raw.get("caption_owner", []), dtype=int),
             correct=correct,
-            images=images,
             label_columns={p: _label_columns(correct, images, p) for p in LABEL_PREFIXES},
         )
 
