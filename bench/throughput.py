@@ -58,6 +58,11 @@ BASELINES = (BARE, BARE_LOADER)
 DEFAULT_BATCHES = (32, 128, 512)
 
 
+def trained_method(method: str) -> str:
+    """The method a cell trains: the bare-loop baselines build clip's cell."""
+    return "clip" if method in BASELINES else method
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.throughput", description=__doc__.splitlines()[0]
@@ -98,10 +103,9 @@ def run_cell(args: argparse.Namespace, method: str, batch: int, peak: tuple[floa
     """Every measurement of one method x batch size, in this process."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
-        trained = "clip" if method in BASELINES else method
         bindings = cell_bindings(
-            trained, batch, model=args.model, steps=args.warmup + args.steps, workdir=tmp,
-            data=args.data, extra=args.gin_param,
+            trained_method(method), batch, model=args.model, steps=args.warmup + args.steps,
+            workdir=tmp, data=args.data, extra=args.gin_param,
         )  # fmt: skip
         cell = build_cell(bindings, run_dir=tmp / "run")
         try:
@@ -190,12 +194,12 @@ def check_cells(args: argparse.Namespace, dist: DistInfo) -> None:
     """Every cell's config, model and data, checked as a run checks them before anything is
     measured: a bad binding, model name or batch size is one error, not a failed row per cell
     in a report written half-way."""
+    trained = dict.fromkeys((trained_method(m), b) for m, b in cells(args))  # each config once
     with tempfile.TemporaryDirectory(prefix="bench-check-") as tmp:
-        for method, batch in dict.fromkeys(cells(args)):
+        for method, batch in trained:
             bindings = cell_bindings(
-                "clip" if method in BASELINES else method, batch, model=args.model,
-                steps=args.warmup + args.steps, workdir=Path(tmp), data=args.data,
-                extra=args.gin_param,
+                method, batch, model=args.model, steps=args.warmup + args.steps,
+                workdir=Path(tmp), data=args.data, extra=args.gin_param,
             )  # fmt: skip
             config.parse([BASE_CONFIG], bindings)
             validate(config.resolve(), dist)
