@@ -12,6 +12,8 @@ three matrix products that no exact formulation of their loss avoids.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ from methods.token_classification import TokenClassifier
 from tests.dist_utils import build, make_batch
 
 MODEL = "tiny-vit"
+METHOD_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "methods"
 BATCHES = (32, 512)
 
 
@@ -37,8 +40,14 @@ def workdir(tmp_path_factory):
 
 
 def outputs_of(name: str, batch: int, model_cfg: dict, workdir) -> tuple:
-    """(method, outputs with every differentiable tensor a fresh leaf) after one forward."""
-    bindings = methods.method_class(name).example_bindings(workdir, model_cfg)
+    """(method, outputs with every differentiable tensor a fresh leaf) after one forward, the
+    method configured as a run configures it (its ``configs/methods/<name>.gin``, e.g. neuclip's
+    256 prototypes for the CPU models instead of the class's 4,096) and in its steady state
+    (``cost_warmup_steps`` losses first, e.g. until neuclip's queue is full)."""
+    bindings = [
+        f"include '{METHOD_CONFIGS / f'{name}.gin'}'",
+        *methods.method_class(name).example_bindings(workdir, model_cfg),
+    ]
     step = build(name, model_cfg, bindings)
     data = prepare_batch(
         make_batch(batch, models.image_size(model_cfg), models.context_length(model_cfg)),
@@ -49,6 +58,8 @@ def outputs_of(name: str, batch: int, model_cfg: dict, workdir) -> tuple:
         k: v.detach().requires_grad_() if torch.is_tensor(v) and v.requires_grad else v
         for k, v in outputs.items()
     }
+    for _ in range(step.method.cost_warmup_steps(batch)):
+        step.method.loss(leaves)
     return step.method, leaves
 
 

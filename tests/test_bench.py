@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,3 +287,29 @@ def test_nvml_cost_bench_refuses_a_machine_without_cuda_by_saying_so(capsys):
 
     assert nvml_cost.main(["--rounds", "1"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_loss_micro_benchmarks_time_methods_as_runs_configure_them(tmp_path):
+    """bench/test_losses.py builds each method with its configs/methods file and times it in its
+    steady state: neuclip with the CPU models' 256 prototypes and a full queue (with the class's
+    4,096 its loss jumped ~15x once the queue filled, mid-benchmark)."""
+    import gin
+
+    from bench.test_losses import outputs_of
+    from harness import models
+    from harness.trainer import total_loss
+
+    try:
+        method, outputs = outputs_of("neuclip", 32, models.model_config("micro-vit"), tmp_path)
+    finally:
+        gin.clear_config()
+    assert method.num_prototypes == gin_value("configs/methods/neuclip.gin", "num_prototypes")
+    assert method.counts["queue_fill"] == method.num_prototypes
+    assert torch.isfinite(total_loss(method.loss(outputs)))
+
+
+def gin_value(path: str, name: str) -> int:
+    for line in Path(path).read_text().splitlines():
+        if line.split("=")[0].strip().endswith(f".{name}"):
+            return int(line.split("=")[1].split("#")[0])
+    raise KeyError(name)
