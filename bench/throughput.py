@@ -63,6 +63,14 @@ def trained_method(method: str) -> str:
     return "clip" if method in BASELINES else method
 
 
+def bindings_of(args: argparse.Namespace, method: str, batch: int, workdir: Path) -> list[str]:
+    """The gin bindings of one cell (a baseline row gets clip's), as run and as checked."""
+    return cell_bindings(
+        trained_method(method), batch, model=args.model, steps=args.warmup + args.steps,
+        workdir=workdir, data=args.data, extra=args.gin_param,
+    )  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.throughput", description=__doc__.splitlines()[0]
@@ -103,11 +111,7 @@ def run_cell(args: argparse.Namespace, method: str, batch: int, peak: tuple[floa
     """Every measurement of one method x batch size, in this process."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
-        bindings = cell_bindings(
-            trained_method(method), batch, model=args.model, steps=args.warmup + args.steps,
-            workdir=tmp, data=args.data, extra=args.gin_param,
-        )  # fmt: skip
-        cell = build_cell(bindings, run_dir=tmp / "run")
+        cell = build_cell(bindings_of(args, method, batch, tmp), run_dir=tmp / "run")
         try:
             record = {
                 "method": method,
@@ -197,11 +201,7 @@ def check_cells(args: argparse.Namespace, dist: DistInfo) -> None:
     trained = dict.fromkeys((trained_method(m), b) for m, b in cells(args))  # each config once
     with tempfile.TemporaryDirectory(prefix="bench-check-") as tmp:
         for method, batch in trained:
-            bindings = cell_bindings(
-                method, batch, model=args.model, steps=args.warmup + args.steps,
-                workdir=Path(tmp), data=args.data, extra=args.gin_param,
-            )  # fmt: skip
-            config.parse([BASE_CONFIG], bindings)
+            config.parse([BASE_CONFIG], bindings_of(args, method, batch, Path(tmp)))
             validate(config.resolve(), dist)
 
 

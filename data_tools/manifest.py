@@ -30,7 +30,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from data_tools.shards import arguments, parallel_map, user_errors
+from data_tools.shards import arguments, parallel_map
+from harness.errors import report_errors
 from harness.manifest import DataError, Manifest, ShardInfo, SplitInfo, save_manifest, sha256_file
 
 
@@ -137,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with user_errors():
+    with report_errors():
         path = build_manifest(
             args.shards,
             out=args.out,

@@ -9,14 +9,17 @@ order. Image paths are relative to ``--image-root`` (default: the input file's f
 absolute. The format comes from the extension (``.csv``, ``.tsv``, ``.jsonl``) or ``--format``.
 
 Splits: a ``split`` column (or ``--split-column NAME``) with ``train``/``test`` in every row is
-honoured; rows of one image must agree. Without one, images are split with a fixed seed, 80/20
+honoured; rows of one image must agree. Text is read as UTF-8 (or UTF-16 with a byte-order
+mark); give any other encoding with ``--encoding`` (``latin-1``, ``cp1252``, ``utf-16-le``...). Without one, images are split with a fixed seed, 80/20
 by default (``--test-fraction``/``--test-size``).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -40,17 +43,51 @@ def detect_format(path: Path, given: str | None) -> str:
     return fmt
 
 
-def read_rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+def read_rows(
+    path: Path, fmt: str, encoding: str | None = None
+) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     """(columns, [(line number, row)]): the header's columns, or the first JSONL row's keys."""
     if not path.is_file():
         raise DataError(f"--input {path}: file not found")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if fmt == "jsonl":
-            rows = list(_jsonl_rows(path, f))
-            return (list(rows[0][1]) if rows else []), rows
-        reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
-        columns = list(reader.fieldnames or [])
-        return columns, [(reader.line_num, row) for row in reader]
+    text = io.StringIO(read_text(path, encoding), newline="")
+    if fmt == "jsonl":
+        rows = list(_jsonl_rows(path, text))
+        return (list(rows[0][1]) if rows else []), rows
+    reader = csv.DictReader(text, delimiter="\t" if fmt == "tsv" else ",")
+    columns = list(reader.fieldnames or [])
+    return columns, [(reader.line_num, row) for row in reader]
+
+
+def read_text(path: Path, encoding: str | None) -> str:
+    """The file's text: ``encoding`` if given, else UTF-8 (a byte-order mark of UTF-8 or
+    UTF-16 decides instead); text it is not is named by line and byte."""
+    data = path.read_bytes()
+    if encoding is None:
+        utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+        if not utf16 and b"\0" in data:  # no text file holds NUL bytes; UTF-16 is full of them
+            raise DataError(
+                f"--input {path}: holds NUL bytes, as UTF-16 without a byte-order mark does; "
+                "name the file's encoding, e.g. --encoding utf-16-le"
+            )
+        encoding = "utf-16" if utf16 else "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"--input {path} line {line}: not {e.encoding} text (byte 0x{data[e.start]:02x} at "
+            f"offset {e.start}); name the file's encoding, e.g. --encoding latin-1"
+        ) from None
+    return text
+
+
+def known_encoding(name: str) -> str:
+    """argparse type of ``--encoding``: a codec Python knows."""
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown encoding {name!r}") from None
+    return name
 
 
 def _jsonl_rows(path: Path, lines: Any) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -116,6 +153,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", type=Path, required=True, help="a .csv, .tsv or .jsonl file")
     parser.add_argument("--format", choices=sorted(set(FORMATS.values())), default=None)
     parser.add_argument(
+        "--encoding", type=known_encoding, default=None,
+        help="the input's text encoding (default: UTF-8, or UTF-16 with a byte-order mark)",
+    )  # fmt: skip
+    parser.add_argument(
         "--image-root", type=Path, default=None, help="folder image paths are relative to"
     )
     parser.add_argument("--image-column", default="image", help="default 'image'")
@@ -132,7 +173,7 @@ def read_input(args: argparse.Namespace) -> Input:
     image_root = args.image_root or args.input.parent
     if not image_root.is_dir():
         raise DataError(f"--image-root {image_root}: not a folder")
-    columns, rows = read_rows(args.input, detect_format(args.input, args.format))
+    columns, rows = read_rows(args.input, detect_format(args.input, args.format), args.encoding)
     split_column = args.split_column or ("split" if "split" in columns else None)
     check_columns(
         args.input,

@@ -30,13 +30,12 @@ A sample is ``{"__key__": "%08d" % index, <ext>: image bytes, "json": {"index", 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from harness.errors import report_errors
 from harness.manifest import (
     DataError,
     LabelTask,
@@ -54,6 +54,7 @@ from harness.manifest import (
     SplitInfo,
     save_manifest,
     sha256_file,
+    writable_dir,
     write_json_atomic,
 )
 
@@ -448,7 +449,7 @@ def convert(
         if not any(i.split == split for i in present):
             raise DataError(f"{converter}: no usable image is in split {split!r}")
     jobs = plan_shards(present, options)
-    options.out.mkdir(parents=True, exist_ok=True)
+    writable_dir(options.out)
     _clean_out(options.out, {j.name for j in jobs})
     results = parallel_map(
         write_shard, jobs, workers=options.workers, desc=converter, progress=options.progress
@@ -505,7 +506,7 @@ class Input:
 
 def run_converter(args: argparse.Namespace, converter: str, read: Callable[[], Input]) -> int:
     """A converter's ``main`` after parsing: check options, read the input, write, report."""
-    with user_errors():
+    with report_errors():
         options = writer_options(args)  # cheap checks first: bad input fails before any work
         source = read()
         result = convert(
@@ -517,17 +518,3 @@ def run_converter(args: argparse.Namespace, converter: str, read: Callable[[], I
         )
         print(describe(result))
     return 0
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Bad input ends with one ``error: ...`` line and exit code 2, as in ``harness.errors``.
-
-    Not ``harness.errors.report_errors`` itself: that imports the models and methods, which a
-    data tool has no use for.
-    """
-    try:
-        yield
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

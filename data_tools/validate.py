@@ -22,8 +22,9 @@ from typing import Any
 
 import webdataset as wds
 
-from data_tools.shards import parallel_map, user_errors
+from data_tools.shards import parallel_map
 from harness.data import decode_image, sample_meta
+from harness.errors import report_errors
 from harness.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
 
 MAX_LISTED = 50
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    with user_errors():
+    with report_errors():
         problems = validate(args.dataset, workers=args.workers, progress=not args.no_progress)
         return 1 if problems else 0
 

@@ -18,12 +18,9 @@ import numpy as np
 import torch
 
 from harness import faults
+from harness.errors import CheckpointError, naming
 
 LATEST = "latest.pt"
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,22 +54,52 @@ def save(path: str | Path, payload: dict[str, Any]) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
 
     A crash at any point leaves either the previous checkpoint or the new one, never a torn file.
+    A failed write (a full disk, a file-size limit) raises the OSError that caused it, naming
+    ``path``: torch's own message for it is an internal assertion ('enforce fail at ...').
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise naming(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
         faults.during_checkpoint_write(int(payload.get("step", -1)))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
-            os.unlink(tmp)
+            os.unlink(tmp)  # a full disk gets its space back (status.json must still be written)
+        if isinstance(e, OSError):
+            raise naming(e, path) from None
         raise
     return path
+
+
+class _RecordingWriter:
+    """A binary file for torch.save that keeps the first OSError its writes raised."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

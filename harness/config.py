@@ -25,6 +25,8 @@ from typing import Any
 import gin
 from gin import config_parser
 
+from harness.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MACROS = ("METHOD", "BATCH_SIZE", "SEED", "TRAIN_SAMPLES", "MODEL", "DATA")
 _SEARCH_PATHS: set[Path] = set()
@@ -36,10 +38,6 @@ CONFIGURABLE_MODULES = (
     "harness.trainer",
     "methods",
 )
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file, a binding or a value; the message names it."""
 
 
 @gin.configurable

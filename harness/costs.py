@@ -11,7 +11,13 @@ modules are counted as frozen.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from harness import distributed
 from harness.data import prepare_batch
+from harness.manifest import write_json_atomic
 
 
 class _NoModuleTracking:
@@ -142,23 +149,72 @@ DATASHEET_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 def device_peak_flops(device: torch.device) -> tuple[float, str]:
     """(peak FLOP/s, how it was obtained) for MFU: a datasheet value for known GPUs, otherwise a
-    measured matmul peak (fp32 on CPU, bf16 on GPU), named as such."""
+    matmul peak (fp32 on CPU, bf16 on GPU) measured once per machine and cached with its date,
+    so that every sweep on one machine divides by the same number (a peak re-measured per sweep
+    moved 66-168 GFLOP/s with what else ran). Delete the cache file to measure again."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in DATASHEET_PEAK_BF16.items():
             if key in name:
                 return peak, f"{name} datasheet dense bf16 peak"
-        return _measured_matmul(
-            device, torch.bfloat16, 8192
-        ), f"measured bf16 matmul peak on {name}"
-    return _measured_matmul(
-        device, torch.float32, 1024
-    ), "measured fp32 matmul peak (CPU, 1024x1024, best of 10)"
+    return _cached_peak(device)
+
+
+def cache_dir() -> Path:
+    """Where per-machine measurements are kept: $CLIPBENCH_CACHE, else the XDG cache folder."""
+    if os.environ.get("CLIPBENCH_CACHE"):
+        return Path(os.environ["CLIPBENCH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipbench"
+
+
+def machine_key(device: torch.device) -> str:
+    """What a measured peak is a peak of: the host, its processor or GPU, threads, torch."""
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = f"{_cpu_model()} x{os.cpu_count()}, {torch.get_num_threads()} threads"
+    return f"{platform.node()} | {what} | torch {torch.__version__}"
+
+
+def _cached_peak(device: torch.device) -> tuple[float, str]:
+    path = cache_dir() / "device_peak.json"
+    entries = _read_cache(path)
+    key = machine_key(device)
+    entry = entries.get(key)
+    if entry is None:
+        if device.type == "cuda":
+            flops, how = _measured_matmul(device, torch.bfloat16, 8192), "measured bf16 matmul peak"
+        else:
+            flops, how = (
+                _measured_matmul(device, torch.float32, 1024),
+                ("measured fp32 matmul peak (CPU, 1024x1024, best of 10)"),
+            )
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        entry = {"flops": flops, "how": how, "date": time.strftime("%Y-%m-%d"), "load_avg_1m": load}
+        with contextlib.suppress(OSError):  # unwritable: measured again next time, said below
+            write_json_atomic(path, {**entries, key: entry})
+    where = f"cached in {path}" if key in _read_cache(path) else "could not be cached"
+    return entry["flops"], f"{entry['how']} on {key}, measured {entry['date']} ({where})"
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _measured_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    import time
-
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")

@@ -11,6 +11,12 @@ after ``skip_batches`` batches drops the right raw samples before any decoding. 
 randomness (which caption, which crop) is seeded from (seed, epoch, index), so it does not depend
 on worker count or on resuming.
 
+Distinct images. The shuffle buffer is drained at each epoch's end, so it never mixes two
+epochs, and a sample whose image is already in the batch being filled (possible only in the
+batch that spans an epoch boundary) waits for the next batch: no training batch of a rank holds
+an image twice, and every sample is still read once per epoch. A resumed reader keeps the
+samples that were waiting at its checkpoint (``skip_pending``).
+
 Corrupt samples (undecodable image, no caption) are skipped and counted; each batch reports how
 many its reader skipped since its previous batch in ``batch["corrupt"]``.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import mmap
@@ -41,6 +48,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from harness import stopping
 from harness.manifest import DataError, Manifest, check_shards, load_manifest
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -298,6 +306,16 @@ def loader_readers(num_workers: int) -> int:
     return max(1, num_workers)
 
 
+def smallest_reader_epoch(manifest: Manifest, readers: int) -> int:
+    """The fewest training samples any of ``readers`` reader slots gets in an epoch: a slot is
+    dealt whole shards (at least the smallest floor(shards / readers) of them) or, with fewer
+    shards than slots, every ``readers``-th sample."""
+    sizes = sorted(s.num_samples for s in manifest.split("train").shards)
+    if len(sizes) >= readers:
+        return sum(sizes[: len(sizes) // readers])
+    return sum(sizes) // readers
+
+
 def batch_positions(batches: int, num_workers: int, batch_size: int) -> list[int]:
     """Samples each reader role has consumed after ``batches`` global batches, counting only
     full batches: exact unless some were corrupt. Batches are dealt round-robin over roles."""
@@ -329,6 +347,7 @@ class ShardStream(IterableDataset):
         epochs: int | None = None,
         skip_batches: int = 0,
         skip_samples: list[int] | None = None,
+        skip_pending: list[list[int]] | None = None,
         label_tasks: list[str] = (),
         labelled_only: bool = False,
     ) -> None:
@@ -347,6 +366,7 @@ class ShardStream(IterableDataset):
                 f"skip_samples has {len(skip_samples)} readers, not {self.num_workers}"
             )
         self.skip_samples = skip_samples
+        self.skip_pending = skip_pending  # per reader role: positions consumed, in no batch yet
         self.label_tasks = list(label_tasks)
         self.labelled_only = labelled_only  # skip, before decoding, samples with no task label
         self.broken = 0  # tar-level errors seen by this reader (per worker copy)
@@ -418,6 +438,9 @@ class ShardStream(IterableDataset):
             self.broken += 1
 
     def _shuffled(self, raw: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The reader's samples through a shuffle buffer that never mixes two epochs: the
+        buffer is drained at each epoch's end, so an epoch's samples all come out before the
+        next epoch's first (a batch can then span at most one epoch boundary)."""
         if not self.train or self.shuffle_buffer <= 1:
             yield from raw
             return
@@ -425,6 +448,10 @@ class ShardStream(IterableDataset):
         rng = random.Random(_seed(self.seed, "buffer", slot))
         buffer: list[dict[str, Any]] = []
         for sample in raw:
+            if buffer and sample["__epoch__"] != buffer[0]["__epoch__"]:
+                rng.shuffle(buffer)
+                yield from buffer
+                buffer = []
             buffer.append(sample)
             if len(buffer) >= self.shuffle_buffer:
                 k = rng.randrange(len(buffer))
@@ -433,11 +460,16 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _samples_to_skip(self) -> int:
-        skip = self.skip_samples
-        if skip is None:
-            skip = batch_positions(self.skip_batches, self.num_workers, self.batch_size)
-        return skip[self._logical_worker()]
+    def _resume_point(self) -> tuple[int, set[int]]:
+        """(samples of this reader's stream to pass over, positions among them to keep: the
+        ones consumed but waiting for a batch when the checkpoint was taken)."""
+        role = self._logical_worker()
+        if self.skip_samples is None:
+            return batch_positions(self.skip_batches, self.num_workers, self.batch_size)[
+                role
+            ], set()
+        waiting = self.skip_pending[role] if self.skip_pending is not None else []
+        return self.skip_samples[role], set(waiting)
 
     # -- decoded samples and batches ---------------------------------
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
@@ -464,10 +496,11 @@ class ShardStream(IterableDataset):
         return {"image": pixels, "captions": captions, "index": index, "labels": labels}
 
     def _collate(
-        self, items: list[dict[str, Any]], corrupt: int, consumed: int
+        self, items: list[dict[str, Any]], corrupt: int, consumed: int, pending: list[int]
     ) -> dict[str, torch.Tensor]:
         """One batch; ``consumed``: samples of this reader's stream through this batch (what a
-        resumed reader skips: ``skip_samples``)."""
+        resumed reader skips: ``skip_samples``), ``pending``: the positions among them that are
+        in no batch yet (what it keeps: ``skip_pending``)."""
         owners = [i for i, item in enumerate(items) for _ in item["captions"]]
         flat = [c for item in items for c in item["captions"]]
         batch = {
@@ -477,6 +510,7 @@ class ShardStream(IterableDataset):
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
             "corrupt": torch.tensor(corrupt, dtype=torch.long),
             "consumed": torch.tensor(consumed, dtype=torch.long),
+            "pending": torch.tensor(pending, dtype=torch.long),
         }
         if not self.train:  # evaluation keeps every caption and who owns it
             batch["caption_owner"] = torch.tensor(owners, dtype=torch.long)
@@ -491,30 +525,82 @@ class ShardStream(IterableDataset):
         return np.stack([item["image"] for item in items])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        raw = self._shuffled(self._raw())
-        consumed = 0  # samples of this reader's stream, skipped ones included
-        for _ in range(self._samples_to_skip()):
-            if next(raw, None) is None:
-                return
-            consumed += 1
-        items: list[dict[str, Any]] = []
+        stream = enumerate(
+            self._shuffled(self._raw())
+        )  # (position in this reader's stream, sample)
+        skip, keep = self._resume_point()
+        batcher = DistinctBatcher(self.batch_size, distinct=self.train)
+        for position, sample in itertools.islice(stream, skip):
+            if position in keep:  # consumed before the checkpoint, still waiting for a batch
+                batcher.offer(position, self._decode(sample))
+        consumed = skip  # samples of this reader's stream, skipped ones included
         corrupt = 0
-        for sample in raw:
-            consumed += 1
+        for position, sample in stream:
+            consumed = position + 1
             item = self._decode(sample)
             if item is _UNLABELLED:
                 continue
             if item is None:
                 corrupt += 1
                 continue
-            items.append(item)
-            if len(items) == self.batch_size:
-                yield self._collate(items, corrupt + self.broken, consumed)
-                items, corrupt, self.broken = [], 0, 0
+            batcher.offer(position, item)
+            while batcher.full:
+                items = batcher.pop()
+                yield self._collate(items, corrupt + self.broken, consumed, batcher.pending())
+                corrupt, self.broken = 0, 0
         # only a finite stream (evaluation, tests) ever ends; a last batch of nothing but
         # corrupt samples still carries their count (with no images)
-        if items or corrupt + self.broken:
-            yield self._collate(items, corrupt + self.broken, consumed)
+        if batcher.items or corrupt + self.broken:
+            yield self._collate(batcher.pop(), corrupt + self.broken, consumed, batcher.pending())
+
+
+class DistinctBatcher:
+    """Fills a batch with samples of distinct images, in stream order.
+
+    A sample whose image (stable index) is already in the batch being filled waits, in order,
+    for the next batch: every sample is still used once per epoch, and no batch holds an image
+    twice (each a false negative for a contrastive loss). With the epoch-bounded shuffle this
+    only happens in the batch that spans an epoch boundary. ``distinct=False`` (evaluation)
+    keeps every sample where it comes.
+    """
+
+    def __init__(self, size: int, *, distinct: bool) -> None:
+        self.size, self.distinct = size, distinct
+        self.items: list[dict[str, Any]] = []
+        self._positions: list[int] = []
+        self._indices: set[int] = set()
+        self._waiting: list[tuple[int, dict[str, Any]]] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.size
+
+    def offer(self, position: int, item: dict[str, Any]) -> None:
+        if self.distinct and item["index"] in self._indices:
+            self._waiting.append((position, item))
+            if len(self._waiting) > self.size:
+                raise DataError(
+                    f"a loader reader found more than {self.size} samples whose image is "
+                    "already in the batch: an epoch of one reader holds fewer distinct "
+                    "readable images than a batch; lower the batch or DataConfig.num_workers"
+                )
+            return
+        self.items.append(item)
+        self._positions.append(position)
+        self._indices.add(item["index"])
+
+    def pop(self) -> list[dict[str, Any]]:
+        """The batch filled so far; the waiting samples start the next one."""
+        batch, waiting = self.items, self._waiting
+        self.items, self._positions, self._indices, self._waiting = [], [], set(), []
+        for position, item in waiting:
+            self.offer(position, item)
+        return batch
+
+    def pending(self) -> list[int]:
+        """Stream positions consumed but in no batch yet, in stream order: offered again in
+        that order, they rebuild this state (what a resumed reader does)."""
+        return sorted([*self._positions, *(position for position, _ in self._waiting)])
 
 
 def in_one_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -573,12 +659,14 @@ def make_loader(
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        worker_init_fn=functools.partial(_renice, worker_nice) if worker_nice else None,
+        worker_init_fn=functools.partial(_init_worker, worker_nice),
     )
 
 
-def _renice(nice: int, worker_id: int) -> None:
-    os.nice(nice)  # an increment on the parent's niceness (capped at 19 by the kernel)
+def _init_worker(nice: int, worker_id: int) -> None:
+    stopping.ignore_in_worker()  # a signal to the whole group: the trainer checkpoints first
+    if nice:
+        os.nice(nice)  # an increment on the parent's niceness (capped at 19 by the kernel)
 
 
 def train_loader(
@@ -593,6 +681,7 @@ def train_loader(
     world_size: int,
     skip_batches: int = 0,
     skip_samples: list[int] | None = None,
+    skip_pending: list[list[int]] | None = None,
 ) -> DataLoader:
     stream = ShardStream(
         manifest,
@@ -609,6 +698,7 @@ def train_loader(
         shuffle_buffer=config.shuffle_buffer,
         skip_batches=skip_batches,
         skip_samples=skip_samples,
+        skip_pending=skip_pending,
     )
     return make_loader(stream, config.num_workers, config.worker_nice)
 

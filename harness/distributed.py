@@ -68,12 +68,20 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        global _control
+        # host-side agreements (a stop request) on CPU tensors, never waiting for the GPU
+        _control = dist.new_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+_control = None  # a gloo group for CPU-side agreements; set by init with several processes
+
+
 def shutdown() -> None:
+    global _control
     if is_distributed():
         dist.destroy_process_group()
+    _control = None
 
 
 def is_distributed() -> bool:
@@ -137,9 +145,46 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+class StopVote:
+    """Every step each rank votes whether it was asked to stop; all ranks learn the outcome of
+    step k's vote at step k + 1, from a non-blocking all-reduce on the CPU, so the vote costs
+    no step a wait. In one process the outcome is the vote itself, at once."""
+
+    def __init__(self) -> None:
+        self._votes: torch.Tensor | None = None
+        self._work = None
+
+    def cast(self, stop: bool) -> bool:
+        """Cast this step's vote; True on every rank, at the same step, once any rank voted."""
+        if not is_distributed():
+            return stop
+        decided = False
+        if self._work is not None:
+            self._work.wait()  # finished long ago: a step has passed since it was cast
+            decided = bool(self._votes.item())
+        self._votes = torch.tensor([1 if stop else 0], dtype=torch.int32)
+        self._work = dist.all_reduce(self._votes, group=_control, async_op=True)
+        return decided
+
+    def close(self) -> None:
+        """Finish the last vote in flight (before the process group goes)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
 
 
 def any_rank(flag: bool) -> bool:

@@ -7,6 +7,10 @@ are deterministic. Similarities are computed in query chunks: memory is O(N * ch
 Per-query ranks go to ``eval_ranks.json`` for bootstrap confidence intervals, with each label
 task's per-image correctness and the test-image index of each of those images.
 
+Chance. Beside each metric, ``chance_<metric>`` is what a random ranking or a uniform guess
+scores in expectation (retrieval: from the numbers of images and captions per image;
+classification: 1 / classes), so that a number near it reads as what it is.
+
 Zero-shot. For each label task of the manifest: class embedding = normalised mean of the
 normalised embeddings of its prompts; prediction = argmax (first index on ties).
 
@@ -30,19 +34,11 @@ from torch import nn
 
 from harness.config import EvalConfig
 from harness.data import eval_loader, prepare_batch
-from harness.manifest import DataError, LabelTask, Manifest
+from harness.errors import DataError, NonFiniteEmbeddings
+from harness.manifest import LabelTask, Manifest
 from methods.base import Method
 
 RECALL_KS = (1, 5, 10)
-
-
-class NonFiniteEmbeddings(ValueError):
-    """The model gives NaN or inf embeddings: no metric over them means anything.
-
-    A NaN compares false with everything, so unchecked it would rank every query first (100%
-    recall) or crash deep in the ranking or the probe with a message about something else. It
-    happens when training diverged in its last steps, after the trainer's last loss check.
-    """
 
 
 def check_finite(name: str, features: torch.Tensor) -> None:
@@ -96,6 +92,26 @@ def retrieval_ranks(
 
 def recall_at(ranks: torch.Tensor, k: int) -> float:
     return 100.0 * int((ranks < k).sum()) / len(ranks)  # exact: counts, not a float32 mean
+
+
+def retrieval_chance(owner: torch.Tensor, n_images: int) -> dict[str, float]:
+    """``chance_<metric>``: the expected recall of a random ranking. A caption query's one
+    image is within the top k of n images with probability k/n; an image query with c of the
+    m captions is correct unless all c fall outside the top k: 1 - prod_j (m-k-j)/(m-j)."""
+    m, counts = len(owner), torch.bincount(owner, minlength=n_images).tolist()
+    out = {}
+    for k in RECALL_KS:
+        out[f"chance_i2t_r{k}"] = 100.0 * (
+            1 - float(np.mean([_all_outside(m, k, c) for c in counts]))
+        )
+        out[f"chance_t2i_r{k}"] = 100.0 * min(k, n_images) / n_images
+    out["chance_mean_r1"] = 0.5 * (out["chance_i2t_r1"] + out["chance_t2i_r1"])
+    return out
+
+
+def _all_outside(m: int, k: int, c: int) -> float:
+    """Probability that none of c marked items of m is among k drawn without replacement."""
+    return float(np.prod([max(0, m - k - j) / (m - j) for j in range(c)]))
 
 
 def retrieval_metrics(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]:
@@ -243,6 +259,7 @@ def evaluate(
     if with_text:
         i2t, t2i = retrieval_ranks(test.image, test.text, test.owner, chunk_size=config.chunk_size)
         metrics.update(retrieval_metrics(i2t, t2i))
+        metrics.update(retrieval_chance(test.owner, test.image.shape[0]))
         per_query.update(
             i2t_rank=i2t.tolist(), t2i_rank=t2i.tolist(), caption_owner=test.owner.tolist()
         )
@@ -265,11 +282,15 @@ def _zero_shot(method, model, manifest, test, tokenize, device):
         pred = (test.image[has] @ classifier.T).argmax(1)
         correct = (pred == test.labels[has, t]).long()
         metrics[f"zeroshot_{task.name}_top1"] = 100.0 * int(correct.sum()) / len(correct)
+        metrics[f"chance_zeroshot_{task.name}_top1"] = 100.0 / len(task.classes)
         per_query[f"zeroshot_{task.name}_correct"] = correct.tolist()
         per_query[f"zeroshot_{task.name}_image"] = has.nonzero().flatten().tolist()
         accs.append(metrics[f"zeroshot_{task.name}_top1"])
     if accs:
         metrics["zeroshot_mean_top1"] = float(np.mean(accs))
+        metrics["chance_zeroshot_mean_top1"] = float(
+            np.mean([v for k, v in metrics.items() if k.startswith("chance_zeroshot_")])
+        )
     return metrics, per_query
 
 
@@ -293,11 +314,15 @@ def _probe(method, model, manifest, config, loader_kwargs, test, device):
         )
         correct = (pred == test.labels.numpy()[te, t]).astype(int)
         metrics[f"linprobe_{task.name}_top1"] = 100.0 * float(correct.mean())
+        metrics[f"chance_linprobe_{task.name}_top1"] = 100.0 / len(task.classes)
         per_query[f"linprobe_{task.name}_correct"] = correct.tolist()
         per_query[f"linprobe_{task.name}_image"] = np.flatnonzero(te).tolist()
         accs.append(metrics[f"linprobe_{task.name}_top1"])
     if accs:
         metrics["linprobe_mean_top1"] = float(np.mean(accs))
+        metrics["chance_linprobe_mean_top1"] = float(
+            np.mean([v for k, v in metrics.items() if k.startswith("chance_linprobe_")])
+        )
     return metrics, per_query
 
 

@@ -19,11 +19,12 @@ cells and resumes an interrupted one from its checkpoint.
 from __future__ import annotations
 
 import ast
+import ctypes
 import dataclasses
 import itertools
-import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -34,9 +35,10 @@ from typing import Any
 import gin
 import torch
 
-from harness import config, distributed, models, rundir
+from harness import config, distributed, models, rundir, stopping
 from harness.config import ConfigError
-from harness.manifest import write_json_atomic
+from harness.errors import EXIT_USER_ERROR
+from harness.manifest import writable_dir, write_json_atomic
 
 LAUNCHERS = ("local", "slurm")
 EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b:? ")
@@ -55,7 +57,9 @@ class Grid:
     slurm_time: str = "04:00:00"
     slurm_gpus_per_node: int = 0
     slurm_cpus_per_task: int = 8
+    slurm_signal_seconds: int = 120  # notice before the time limit: checkpoint, then requeue
     report: bool = True  # write REPORT.md when the sweep ends
+    smoke_check: bool = False  # a budget too small to compare methods: the report says so first
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -178,6 +182,7 @@ def _check_stages(
 def _check_stage(spec, grid: Grid, manifests: dict) -> None:
     """What would stop a stage before or during training: model, batch, data, devices."""
     from harness.data import resolve_manifest
+    from harness.train import check_data_fits
 
     models.model_config(spec.run.model)
     _check_batch(spec, grid)
@@ -185,9 +190,7 @@ def _check_stage(spec, grid: Grid, manifests: dict) -> None:
     key = spec.data.manifest
     if key not in manifests:
         manifests[key] = resolve_manifest(spec.data)
-    if spec.train.batch_size > manifests[key].split("train").num_samples:
-        raise ConfigError(f"BATCH_SIZE={spec.train.batch_size} is larger than the training split")
-    manifests[key].split(spec.eval.split)
+    check_data_fits(spec, manifests[key], grid.world_size)
 
 
 def _check_batch(spec, grid: Grid) -> None:
@@ -249,41 +252,101 @@ def cell_command(
 
 def run_local(
     config_file: Path, bindings: list[str], cells: list[Cell], grid: Grid, sweep_dir: Path
-) -> dict[str, str]:
-    """Run the cells one after another; returns cell name -> final status."""
+) -> tuple[dict[str, str], int | None]:
+    """Run the cells one after another; returns (cell name -> final status, the stop signal
+    received or None).
+
+    A stop signal to the sweep goes on to the running cell, which checkpoints and ends
+    ``interrupted``; no further cell starts. A cell whose directory another live process
+    holds (an orphan of an earlier sweep, say) is left to it: ``busy``."""
     results = {}
-    for k, cell in enumerate(cells, 1):
-        cell_dir = cell.directory(sweep_dir)
-        if rundir.is_finished(rundir.final_run_dir(cell_dir)):
-            print(f"[{k}/{len(cells)}] {cell.name}: finished earlier, skipped")
-            results[cell.name] = rundir.FINISHED
-            continue
-        print(f"[{k}/{len(cells)}] {cell.name}: running", flush=True)
-        results[cell.name] = _run_cell(
-            cell_command(config_file, bindings, cell, sweep_dir, grid), cell_dir
-        )
-        print(f"[{k}/{len(cells)}] {cell.name}: {results[cell.name]}", flush=True)
-    return results
+    with CellSignals() as signals:
+        for k, cell in enumerate(cells, 1):
+            label = f"[{k}/{len(cells)}] {cell.name}"
+            if signals.received is not None:
+                results[cell.name] = NOT_STARTED
+                continue
+            results[cell.name] = _start_cell(
+                label, cell.directory(sweep_dir),
+                cell_command(config_file, bindings, cell, sweep_dir, grid), signals,
+            )  # fmt: skip
+    return results, signals.received
 
 
-def _run_cell(command: list[str], cell_dir: Path) -> str:
+NOT_STARTED, BUSY = "not started", "busy"
+
+
+def _start_cell(label: str, cell_dir: Path, command: list[str], signals: CellSignals) -> str:
+    if rundir.is_finished(rundir.final_run_dir(cell_dir)):
+        print(f"{label}: finished earlier, skipped")
+        return rundir.FINISHED
+    holder = rundir.lock_holder(cell_dir)
+    if holder is not None:
+        print(f"{label}: busy, another process trains it ({holder}); skipped", flush=True)
+        return BUSY
+    stale = rundir.stale_status(cell_dir)
+    print(f"{label}: {'resuming (' + stale + ')' if stale else 'running'}", flush=True)
+    status = _run_cell(command, cell_dir, signals)
+    print(f"{label}: {status}", flush=True)
+    return status
+
+
+class CellSignals:
+    """While the sweep runs: a stop signal is remembered and sent on to the running cell."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.cell: subprocess.Popen | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> CellSignals:
+        self._previous = {s: signal.signal(s, self._forward) for s in stopping.STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _forward(self, signum: int, frame) -> None:
+        self.received = signum
+        if self.cell is not None and self.cell.poll() is None:
+            self.cell.send_signal(signum)  # a group signal reached it already: a second is harmless
+
+
+def _stop_with_parent() -> None:
+    """In a cell's process, before it runs: SIGTERM it if the sweep dies (``kill -9``), so that
+    it checkpoints and stops instead of training on as an orphan (Linux's PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _run_cell(command: list[str], cell_dir: Path, signals: CellSignals) -> str:
     cell_dir.mkdir(parents=True, exist_ok=True)
     log_path = cell_dir / "log.txt"
     start = time.time()
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        code = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=config.REPO_ROOT
-        ).returncode
+        signals.cell = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=config.REPO_ROOT,
+            preexec_fn=_stop_with_parent,
+        )  # fmt: skip
+        code = signals.cell.wait()
+        signals.cell = None
     status = rundir.read_status(rundir.final_run_dir(cell_dir)) or {}
     if code == 0 and status.get("status") == rundir.FINISHED:
         return rundir.FINISHED
+    if code == EXIT_USER_ERROR and rundir.lock_holder(cell_dir) is not None:
+        return BUSY  # another process took the cell just before this one: its status is its own
     lines = log_path.read_text(errors="replace").splitlines()
     tail = lines[-30:]
     # the exception line of every process (torchrun prefixes worker output with "[rankN]:")
     errors = [line for line in lines if EXCEPTION_LINE.match(line)][-10:]
-    if status.get("status") in (None, "running", rundir.FINISHED):
+    if status.get("status") in (None, "running", rundir.FINISHED) and signals.received:
+        # stopped with the sweep before it could say so (still starting, say)
+        name = signal.Signals(signals.received).name
+        status = {"status": "interrupted", "reason": f"stopped by {name} (exit code {code})"}
+    elif status.get("status") in (None, "running", rundir.FINISHED):
         # the process died without saying why (killed, crashed before training, ...)
         reason = f"exit code {code}" + (" (killed by a signal: out of memory?)" if code < 0 else "")
         status = {"status": "failed", "reason": reason}
@@ -305,6 +368,7 @@ def write_sweep_record(
         "axes": {k: list(v) for k, v in grid.axes.items()},
         "launcher": grid.launcher,
         "world_size": grid.world_size,
+        "smoke_check": grid.smoke_check,
         "cells": [
             {
                 "name": c.name,
@@ -341,7 +405,7 @@ def run_sweep(config_file: Path, bindings: list[str], grid: Grid, *, out: Path |
     sweep_dir = (out or Path("sweeps") / Path(config_file).stem).resolve()
     grid, bindings = pin_axes(grid, bindings)
     cells = plan_cells([config_file], bindings, grid)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    writable_dir(sweep_dir)
     write_sweep_record(sweep_dir, [config_file], bindings, grid, cells)
     print(
         f"sweep {sweep_dir}: {len(cells)} cells ({' x '.join(f'{len(v)} {k}' for k, v in grid.axes.items())})"
@@ -353,11 +417,19 @@ def run_sweep(config_file: Path, bindings: list[str], grid: Grid, *, out: Path |
         print(f"wrote {script}; submit with: bash {script.parent / 'submit.sh'}")
         return sweep_dir
     started = time.time()
-    results = run_local(config_file, bindings, cells, grid, sweep_dir)
-    summary = {name: status for name, status in results.items()}
+    summary, stopped_by = run_local(config_file, bindings, cells, grid, sweep_dir)
     write_json_atomic(
         sweep_dir / "results.json", {"status": summary, "seconds": round(time.time() - started, 1)}
     )
+    if stopped_by is not None:
+        counts = {s: list(summary.values()).count(s) for s in dict.fromkeys(summary.values())}
+        print(
+            f"sweep stopped by {signal.Signals(stopped_by).name}: "
+            + ", ".join(f"{n} {s}" for s, n in counts.items())
+            + "; run the same command again to go on from the checkpoints",
+            file=sys.stderr,
+        )
+        raise SystemExit(stopping.EXIT_INTERRUPTED)
     failed = [n for n, s in summary.items() if s != rundir.FINISHED]
     print(
         f"sweep finished in {time.time() - started:.0f} s: {len(cells) - len(failed)} finished, {len(failed)} not"
@@ -367,7 +439,3 @@ def run_sweep(config_file: Path, bindings: list[str], grid: Grid, *, out: Path |
 
         print(f"report: {build_report(sweep_dir)}")
     return sweep_dir
-
-
-def describe(cells: list[Cell]) -> str:
-    return json.dumps([c.values for c in cells])

@@ -28,6 +28,7 @@ Labels for label tasks live in the json under ``labels`` (task name -> class ind
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -36,12 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.errors import DataError, naming
+
 FORMAT = "clipbench-manifest/1"
 MANIFEST_NAME = "manifest.json"
-
-
-class DataError(ValueError):
-    """A dataset or manifest problem, with the file and the reason in the message."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +113,14 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` so that a reader sees the old file or the new one, never half of one."""
+    """Write ``text`` so that a reader sees the old file or the new one, never half of one.
+    An OSError (read-only folder, full disk) names ``path``, not the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise naming(e, path) from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -125,10 +128,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise naming(e, path) from None
         raise
+
+
+def writable_dir(path: str | Path) -> Path:
+    """Make the folder ``path`` if needed and check that a file can be written in it, before
+    any work is done there; an OSError names the folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
+    except OSError as e:
+        raise naming(e, path) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def save_manifest(manifest: Manifest, folder: str | Path) -> Path:
@@ -149,9 +170,16 @@ def load_manifest(path: str | Path) -> Manifest:
     if not path.exists():
         raise DataError(f"dataset manifest not found: {path}")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: must hold a JSON object, not {type(raw).__name__}")
+    for key, kind in (("label_tasks", list), ("skipped", list), ("source", dict)):
+        if not isinstance(raw.get(key, kind()), kind):
+            raise DataError(
+                f"{path}: key {key!r} must be a {'list' if kind is list else 'mapping'}"
+            )
     if raw.get("format") != FORMAT:
         raise DataError(f"{path}: key 'format' is {raw.get('format')!r}, expected {FORMAT!r}")
     if not isinstance(raw.get("splits"), dict) or not raw["splits"]:
@@ -173,29 +201,51 @@ def _parse_split(path: Path, name: str, raw: Any) -> SplitInfo:
         raise DataError(f"{path}: splits.{name}.shards must be a non-empty list")
     shards = []
     for i, s in enumerate(raw["shards"]):
+        where = f"{path}: splits.{name}.shards[{i}]"
+        if not isinstance(s, dict):
+            raise DataError(f"{where} must be an object with path, num_samples and sha256")
         missing = {"path", "num_samples", "sha256"} - set(s)
         if missing:
-            raise DataError(f"{path}: splits.{name}.shards[{i}] lacks {sorted(missing)}")
+            raise DataError(f"{where} lacks {sorted(missing)}")
         shards.append(
             ShardInfo(
-                path=str(s["path"]),
-                num_samples=int(s["num_samples"]),
-                sha256=str(s["sha256"]),
-                first_index=int(s.get("first_index", 0)),
+                path=_typed(s, "path", str, where),
+                num_samples=_typed(s, "num_samples", int, where, minimum=0),
+                sha256=_typed(s, "sha256", str, where),
+                first_index=_typed({"first_index": 0, **s}, "first_index", int, where, minimum=0),
             )
         )
     return SplitInfo(shards=shards)
 
 
+def _typed(raw: dict, key: str, kind: type, where: str, *, minimum: int | None = None) -> Any:
+    """``raw[key]`` if it is a ``kind`` (a bool is no number here), else one error naming it."""
+    value = raw[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(
+            f"{where}.{key} is {value!r}; expected {'a string' if kind is str else 'an integer'}"
+        )
+    if minimum is not None and value < minimum:
+        raise DataError(f"{where}.{key} is {value!r}; expected at least {minimum}")
+    return value
+
+
 def _parse_task(path: Path, i: int, raw: Any) -> LabelTask:
+    where = f"{path}: label_tasks[{i}]"
+    if not isinstance(raw, dict):
+        raise DataError(f"{where} must be an object with name, classes and templates")
     missing = {"name", "classes", "templates"} - set(raw)
     if missing:
-        raise DataError(f"{path}: label_tasks[{i}] lacks {sorted(missing)}")
+        raise DataError(f"{where} lacks {sorted(missing)}")
+    for key in ("classes", "templates"):
+        if not isinstance(raw[key], list) or not all(isinstance(x, str) for x in raw[key]):
+            raise DataError(f"{where}.{key} must be a list of strings, not {raw[key]!r:.60}")
     if not raw["templates"] or any("{}" not in t for t in raw["templates"]):
-        raise DataError(f"{path}: label_tasks[{i}].templates must each contain '{{}}'")
+        raise DataError(f"{where}.templates must each contain '{{}}'")
     return LabelTask(
-        name=raw["name"], classes=list(raw["classes"]), templates=list(raw["templates"])
-    )
+        name=_typed(raw, "name", str, where), classes=list(raw["classes"]),
+        templates=list(raw["templates"]),
+    )  # fmt: skip
 
 
 def check_shards(manifest: Manifest, *, splits: list[str] | None = None, checksums: bool) -> None:
@@ -205,6 +255,10 @@ def check_shards(manifest: Manifest, *, splits: list[str] | None = None, checksu
             full = manifest.root / shard.path
             if not full.exists():
                 raise DataError(f"{manifest.root / MANIFEST_NAME}: shard {shard.path} is missing")
+            if not full.is_file():  # a device or a pipe would be read (hashed) forever
+                raise DataError(
+                    f"{manifest.root / MANIFEST_NAME}: shard {shard.path} is not a regular file"
+                )
             if checksums and sha256_file(full) != shard.sha256:
                 raise DataError(
                     f"{manifest.root / MANIFEST_NAME}: shard {shard.path} does not match its "

@@ -9,31 +9,45 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness import host_memory
+from harness.manifest import write_text_atomic
 
 
 class MetricsLogger:
+    """Appends to a run's curves from ``open(step)`` on: a resumed run first drops what a
+    killed process logged after its checkpoint, so each step is in the files once."""
+
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
-        self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled, self.tensorboard = enabled, tensorboard
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self._file = None
         self._tb = None
-        if not enabled:
+
+    def open(self, from_step: int) -> None:
+        """Start logging after step ``from_step`` (the checkpoint's; 0 for a fresh run)."""
+        if not self.enabled or self._file is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= from_step]
+        if self.path.exists():
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            # events of later steps (logged before a crash) are hidden from TensorBoard
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=from_step + 1)
 
     def log(self, record: dict[str, Any], *, step: int) -> None:
         if not self.enabled:
@@ -209,3 +223,86 @@ def _nvml_handle(pynvml, device: torch.device):
         except pynvml.NVMLError:
             pass
     return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+
+
+class HostLoad:
+    """What the machine's CPUs did while the steps ran: this run's share and everyone else's.
+
+    Read from /proc (Linux) when the steps start and end: the machine's busy time over all its
+    CPUs (``/proc/stat``), the CPU time of this process and its children (the loader workers),
+    and the 1-minute load average. ``cpu_share_others`` is the share of the machine's CPU time
+    that other processes used meanwhile; above ``CONTENDED_ABOVE`` the run's speed figures
+    were measured on a shared machine and say so. Where /proc is missing every value is None.
+    """
+
+    CONTENDED_ABOVE = 0.10
+
+    def __init__(self) -> None:
+        self._start: tuple[float, tuple[int, int] | None, float] | None = None
+        self._end: tuple[float, tuple[int, int] | None, float] | None = None
+        self._load: list[float | None] = []
+
+    def start(self) -> None:
+        self._start = (time.perf_counter(), _machine_jiffies(), own_cpu_seconds())
+        self._load = [_load_average()]
+
+    def stop(self) -> None:
+        self._end = (time.perf_counter(), _machine_jiffies(), own_cpu_seconds())
+        self._load.append(_load_average())
+
+    def own_seconds(self) -> float:
+        """CPU seconds this process and its children used between start and stop."""
+        return max(0.0, self._end[2] - self._start[2]) if self._start and self._end else 0.0
+
+    def result(self, own_seconds: float | None = None) -> dict[str, Any]:
+        """The figures; ``own_seconds``: the run's CPU time on this machine, every rank's
+        (default: this process's)."""
+        cpus = os.cpu_count() or 1
+        out: dict[str, Any] = {"cpus": cpus, "load_avg_1m": self._load or None}
+        if not (self._start and self._end and self._start[1] and self._end[1]):
+            return {**out, "cpu_share_busy": None, "cpu_share_own": None,
+                    "cpu_share_others": None, "contended": None}  # fmt: skip
+        wall = max(self._end[0] - self._start[0], 1e-9)
+        busy = self._end[1][0] - self._start[1][0]
+        total = max(self._end[1][1] - self._start[1][1], 1)
+        own = (self.own_seconds() if own_seconds is None else own_seconds) / (wall * cpus)
+        others = max(0.0, busy / total - own)
+        return {
+            **out,
+            "cpu_share_busy": busy / total,
+            "cpu_share_own": own,
+            "cpu_share_others": others,
+            "contended": others > self.CONTENDED_ABOVE,
+        }
+
+
+def _machine_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat's first line."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is counted in user time already
+    return total - idle, total
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds used by this process (all its threads) and its live children, from /proc."""
+    me, total = os.getpid(), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if me in (pid, ppid):
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None

@@ -25,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.errors import ModelError
+
 MODEL_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-
-
-class ModelError(ValueError):
-    """Unknown model name or unusable model config."""
 
 
 def local_model_names() -> list[str]:

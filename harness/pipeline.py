@@ -6,20 +6,21 @@ sub-folder per stage, and ``stages.json`` lists them; the last stage is the meth
 A stage's ``inputs`` are bound, as gin parameters, to the run directories of earlier stages.
 A ``shared`` stage lives under ``shared_root`` named by its config hash, so every run that
 needs an identical one (a teacher, say) reuses it instead of training it again; a file lock
-keeps two concurrent runs from training the same shared stage twice.
+keeps two concurrent runs from training the same shared stage twice (the second waits).
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import config, distributed, models
-from harness.manifest import write_json_atomic
+from harness import config, distributed, models, rundir
+from harness.errors import UserError
+from harness.manifest import writable_dir, write_json_atomic
 from harness.train import run_one
 from methods import RunInfo, Stage, build_method, other_methods
 
@@ -130,17 +131,6 @@ def shared_stage_hash() -> str:
     return config.config_hash(world, ignore=other_methods(trained))
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def run_pipeline(
     config_files: list[str | Path],
     bindings: list[str],
@@ -150,40 +140,54 @@ def run_pipeline(
     shared_root: Path | None = None,
     until: str | None = None,
 ) -> Path:
-    """Run the configured method's stages (up to ``until``); returns the last run directory."""
+    """Run the configured method's stages (up to ``until``); returns the last run directory.
+
+    The main process holds ``out``'s lock throughout: a second process (a sweep rerun while
+    an orphaned cell still trains, a second ``harness.run``) is refused by name."""
     out = out or default_out(config_files, bindings)
     runs = plan_runs(config_files, bindings, out=out, shared_root=shared_root)
     if until is not None and until not in [r.stage.name for r in runs]:
         raise config.ConfigError(
             f"no stage {until!r}; this method's stages: {[r.stage.name for r in runs]}"
         )
-    if len(runs) > 1:
-        write_json_atomic(
-            out / "stages.json",
-            {
-                "stages": [
-                    # relative to this directory, so a moved or copied sweep stays readable
-                    {
-                        "name": r.stage.name,
-                        "run_dir": os.path.relpath(r.run_dir, out),
-                        "shared": r.stage.shared,
-                        # gin parameter -> the stage it names: lets a moved run be re-evaluated
-                        "inputs": dict(r.stage.inputs),
-                    }
-                    for r in runs
-                ]
-            },
-        )
-    for run in runs:
-        config.parse(config_files, run.bindings)
-        guard = (
-            _lock(run.run_dir / ".lock")  # inside the stage directory
-            if run.stage.shared
-            else contextlib.nullcontext()
-        )
-        with guard:
-            # a shared stage is a cache: finish or reuse it whatever the caller asked
-            run_one(run.run_dir, resume=resume or run.stage.shared)
-        if run.stage.name == until:
-            return run.run_dir
+    main = distributed.env_rank() == 0
+    new = main and not out.exists()
+    if main:
+        writable_dir(out)
+    try:
+        return _run_stages(runs, config_files, out=out, resume=resume, until=until, main=main)
+    except UserError:
+        if new and {p.name for p in out.iterdir()} <= {rundir.LOCK}:
+            shutil.rmtree(out)  # refused before anything was written: leave nothing behind
+        raise
+
+
+def _run_stages(
+    runs: list[StageRun], config_files: list[str | Path], *, out: Path, resume: bool,
+    until: str | None, main: bool,
+) -> Path:  # fmt: skip
+    with rundir.held(out) if main else contextlib.nullcontext():
+        if len(runs) > 1 and main:
+            write_json_atomic(
+                out / "stages.json", {"stages": [_stage_record(r, out) for r in runs]}
+            )
+        for run in runs:
+            config.parse(config_files, run.bindings)
+            # a shared stage is a cache: wait for another run training it, then reuse it
+            guard = rundir.held(run.run_dir, wait=True) if run.stage.shared and main else None
+            with guard or contextlib.nullcontext():
+                run_one(run.run_dir, resume=resume or run.stage.shared)
+            if run.stage.name == until:
+                return run.run_dir
     return runs[-1].run_dir
+
+
+def _stage_record(run: StageRun, out: Path) -> dict:
+    return {
+        # relative to this directory, so a moved or copied sweep stays readable
+        "name": run.stage.name,
+        "run_dir": os.path.relpath(run.run_dir, out),
+        "shared": run.stage.shared,
+        # gin parameter -> the stage it names: lets a moved run be re-evaluated
+        "inputs": dict(run.stage.inputs),
+    }

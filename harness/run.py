@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness import config, distributed
+from harness import config, distributed, stopping
 from harness.errors import report_errors
 from harness.grid import configured_grid, run_sweep
 from harness.pipeline import run_pipeline
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with report_errors():
+    with report_errors(), stopping.installed():
         try:
             config.parse([args.config], args.gin_param)
             grid = None if args.cell else configured_grid()
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                     until=args.stage,
                     shared_root=args.shared_root,
                 )
+        except stopping.Interrupted as e:  # before a run began: nothing to save
+            print(f"{e} before training began", file=sys.stderr)
+            return stopping.EXIT_INTERRUPTED
         finally:
             distributed.shutdown()
         if distributed.env_rank() == 0:

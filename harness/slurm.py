@@ -9,6 +9,12 @@
 
 Each task runs ``torchrun`` with the c10d rendezvous on the first node of its allocation, so a
 cell may span several nodes. Cells resume from their checkpoints when a task is requeued.
+
+Time limits and pre-emption: SLURM sends the batch script SIGUSR1 ``Grid.slurm_signal_seconds``
+before the end (``--signal=B:USR1@N``, also where a pre-emption policy gives notice). The
+script's trap sends SIGTERM to the step (srun forwards it to the task, torchrun to its
+workers), each cell checkpoints at its next step boundary and ends ``interrupted``, and the
+script requeues its array task, which resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ def _header(grid: Grid, name: str, array: int, log_dir: Path) -> list[str]:
         f"#SBATCH --time={grid.slurm_time}",
         f"#SBATCH --output={log_dir}/%x_%A_%a.out",
         "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{grid.slurm_signal_seconds}",
     ]
     if grid.slurm_gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={grid.slurm_gpus_per_node}")
@@ -44,10 +51,21 @@ def _array_body(folder: Path, prefix: str) -> list[str]:
     # sbatch runs a spooled copy of the script, so task scripts are named by absolute path
     task = shlex.quote(str(folder.resolve() / prefix)) + "_${SLURM_ARRAY_TASK_ID}.sh"
     return [
-        "set -euo pipefail",
+        "set -uo pipefail",
         f"cd {shlex.quote(str(config.REPO_ROOT))}",
         'export HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        f"srun --kill-on-bad-exit=1 bash {task}",
+        "# the time limit is near (or pre-emption): the cell checkpoints and stops; requeue it",
+        "requeue=0 step=",
+        "trap 'requeue=1; kill -TERM \"$step\" 2>/dev/null' USR1",
+        f"srun --kill-on-bad-exit=1 bash {task} &",
+        "step=$!",
+        'wait "$step"; code=$?',
+        'while kill -0 "$step" 2>/dev/null; do wait "$step"; code=$?; done  # a trap ended wait',
+        'if [ "$requeue" = 1 ]; then',
+        '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        "    exit 0",
+        "fi",
+        'exit "$code"',
     ]
 
 
@@ -55,10 +73,11 @@ def _task_script(grid: Grid, harness_args: list[str]) -> str:
     torchrun = [
         "${PYTHON:-python}", "-m", "torch.distributed.run",
         "--nnodes=$SLURM_NNODES", f"--nproc_per_node={grid.nproc_per_node}",
-        "--rdzv_backend=c10d", "--rdzv_endpoint=$HEAD_NODE:29500",
+        "--rdzv_backend=c10d", "--rdzv_endpoint=$HEAD_NODE:${MASTER_PORT:-29500}",
         "--rdzv_id=$SLURM_JOB_ID", "-m", "harness.run",
     ]  # fmt: skip
-    quoted = " ".join(torchrun) + " " + shlex.join(harness_args)
+    # exec: the task is torchrun itself, so the SIGTERM srun forwards reaches it
+    quoted = "exec " + " ".join(torchrun) + " " + shlex.join(harness_args)
     return "#!/bin/bash\nset -euo pipefail\n" + quoted + "\n"
 
 

@@ -16,18 +16,27 @@ from typing import Any, NoReturn
 
 import torch
 
-from harness import checkpoint, config, distributed, faults, host_memory, models, rundir
+from harness import (
+    checkpoint,
+    config,
+    distributed,
+    errors,
+    faults,
+    host_memory,
+    models,
+    rundir,
+    stopping,
+)
 from harness.config import ConfigError, RunSpec
 from harness.costs import count_costs
-from harness.data import resolve_manifest
+from harness.data import loader_readers, resolve_manifest, smallest_reader_epoch
 from harness.distributed import DistInfo
 from harness.evaluate import NonFiniteEmbeddings, evaluate
-from harness.manifest import Manifest, write_json_atomic, write_text_atomic
-from harness.trainer import Diverged, Interrupted, Trainer, autocast, config_record
+from harness.manifest import Manifest, writable_dir, write_json_atomic, write_text_atomic
+from harness.trainer import Diverged, Trainer, autocast, config_record
 from methods import Method, RunInfo, build_method, other_methods
 
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
 
 
 @dataclass
@@ -49,14 +58,31 @@ def validate(spec: RunSpec, dist: DistInfo) -> tuple[Method, dict[str, Any], Man
             f"({dist.world_size})"
         )
     manifest = _manifest_once(spec, dist)
+    check_data_fits(spec, manifest, dist.world_size)
+    return method, model_cfg, manifest
+
+
+def check_data_fits(spec: RunSpec, manifest: Manifest, world_size: int) -> None:
+    """The batch fits the training split, each reader can fill a batch of distinct images, and
+    the evaluation split exists."""
     train_size = manifest.split("train").num_samples
     if spec.train.batch_size > train_size:
         raise ConfigError(
             f"BATCH_SIZE={spec.train.batch_size} is larger than the training split "
             f"({train_size} samples in {manifest.root})"
         )
+    per_rank = spec.train.batch_size // world_size
+    readers = world_size * loader_readers(spec.data.num_workers)
+    fewest = smallest_reader_epoch(manifest, readers)
+    if per_rank > fewest:
+        raise ConfigError(
+            f"BATCH_SIZE={spec.train.batch_size} gives each of {world_size} process(es) "
+            f"batches of {per_rank} distinct images, but with {readers} loader reader(s) "
+            f"(DataConfig.num_workers={spec.data.num_workers} per process) one reader gets as "
+            f"few as {fewest} training samples an epoch ({manifest.root}); lower the batch or "
+            "the number of workers"
+        )
     manifest.split(spec.eval.split)
-    return method, model_cfg, manifest
 
 
 def _manifest_once(spec: RunSpec, dist: DistInfo) -> Manifest:
@@ -82,7 +108,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool) -> bool:
             f"{run_dir} already holds a checkpoint; pass --resume to continue it, "
             f"or choose another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    writable_dir(run_dir)
     return has_ckpt and resume
 
 
@@ -161,6 +187,10 @@ def run_one(run_dir: Path | None, *, resume: bool = False) -> Path:
         print(f"{run_dir}: already finished; results in {run_dir / 'eval.json'}")
         return run_dir
     resuming = prepare_run_dir(run_dir, resume=resume)
+    left = rundir.left_running(run_dir) if b.dist.is_main else None  # we hold its lock
+    if left:
+        then = "resuming from its checkpoint" if resuming else "starting it again"
+        print(f"note: {left}; {then}", file=sys.stderr)
     trainer = build_trainer(b, run_dir)
     if b.dist.is_main:
         write_provenance(run_dir, b, config_record(spec.train))
@@ -196,6 +226,35 @@ def build_trainer(b: Built, run_dir: Path) -> Trainer:
 
 
 def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:
+    """Train, then evaluate on the main process; a stop signal at any point ends the run
+    ``interrupted`` (exit 130) with its last checkpoint on disk."""
+    try:
+        with stopping.installed():
+            throughput = _train(b, trainer, run_dir)
+            if b.dist.is_main:
+                _write_throughput(run_dir, throughput, trainer)
+                _evaluate_trained(b, trainer, run_dir)
+    except stopping.Interrupted as e:
+        if _failed_already(run_dir):  # the signal came while it went down (torchrun stops the
+            raise SystemExit(1) from None  # ranks left after one crashed): its reason stands
+        reason = str(e)
+        if e.step is None:  # outside the training loop: training's checkpoint is what is saved
+            reason += f" (the checkpoint of step {trainer.state.step} is saved; rerun to go on)"
+        _record_failure(run_dir, b.dist, "interrupted", reason, step=trainer.state.step)
+        raise SystemExit(stopping.EXIT_INTERRUPTED) from None
+    distributed.barrier()
+
+
+def _failed_already(run_dir: Path) -> bool:
+    status = rundir.read_status(run_dir) or {}
+    return status.get("pid") == os.getpid() and status.get("status") in (
+        "failed",
+        "oom",
+        "diverged",
+    )
+
+
+def _train(b: Built, trainer: Trainer, run_dir: Path) -> dict[str, Any]:
     spec, dist = b.spec, b.dist
     costs = count_costs(
         trainer.step_module, per_rank_batch=spec.train.batch_size // dist.world_size,
@@ -209,35 +268,44 @@ def _train_and_evaluate(b: Built, trainer: Trainer, run_dir: Path) -> None:
         throughput = trainer.fit()
     except Diverged as e:
         _diverged(run_dir, dist, str(e), step=e.step)
-    except Interrupted as e:
-        _record_failure(run_dir, dist, "interrupted", str(e), step=e.step)
-        raise SystemExit(EXIT_INTERRUPTED) from None
     except torch.OutOfMemoryError as e:
         _record_failure(run_dir, dist, "oom", str(e).splitlines()[0], step=trainer.state.step)
         raise
+    except (stopping.Interrupted, SystemExit):
+        raise
     except Exception as e:
         tail = traceback.format_exc().splitlines()[-12:]
-        _record_failure(run_dir, dist, "failed", f"{type(e).__name__}: {e}", traceback=tail)
+        reason = f"{type(e).__name__}: {errors.message(e)}"  # an OSError: the path and why
+        _record_failure(run_dir, dist, "failed", reason, traceback=tail)
         raise
-    if dist.is_main:
-        throughput["corrupt_samples"] = trainer.state.corrupt_samples
-        if throughput["measured_steps"] or not (run_dir / "throughput.json").exists():
-            # a resumed run with no step left (its evaluation failed) keeps its real figures
-            write_json_atomic(run_dir / "throughput.json", throughput)
-        try:
-            metrics = _evaluate(b, trainer.model, run_dir)
-        except NonFiniteEmbeddings as e:  # trained to a model that gives NaN: it diverged
-            _diverged(run_dir, dist, f"{EVALUATION_FAILED} {e}", step=trainer.state.step)
-        except Exception as e:  # trained and checkpointed: `python -m harness.evaluate` can redo it
-            reason = f"{EVALUATION_FAILED} {type(e).__name__}: {e}"
-            tail = traceback.format_exc().splitlines()[-12:]
-            _record_failure(
-                run_dir, dist, "failed", reason, step=trainer.state.step, traceback=tail
-            )
-            raise
-        rundir.write_status(run_dir, rundir.FINISHED, step=trainer.state.step)
-        print(json.dumps({k: round(v, 2) for k, v in metrics.items()}, indent=1))
-    distributed.barrier()
+    if stopping.requested():  # came with the last step: training is done and checkpointed
+        raise stopping.Interrupted(stopping.requested(), where=" before evaluation")
+    return throughput
+
+
+def _write_throughput(run_dir: Path, throughput: dict[str, Any], trainer: Trainer) -> None:
+    throughput["corrupt_samples"] = trainer.state.corrupt_samples
+    throughput["duplicate_images"] = trainer.state.duplicate_images
+    if throughput["measured_steps"] or not (run_dir / "throughput.json").exists():
+        # a resumed run with no step left (its evaluation failed) keeps its real figures
+        write_json_atomic(run_dir / "throughput.json", throughput)
+
+
+def _evaluate_trained(b: Built, trainer: Trainer, run_dir: Path) -> None:
+    step = trainer.state.step
+    try:
+        metrics = _evaluate(b, trainer.model, run_dir)
+    except NonFiniteEmbeddings as e:  # trained to a model that gives NaN: it diverged
+        _diverged(run_dir, b.dist, f"{EVALUATION_FAILED} {e}", step=step)
+    except stopping.Interrupted as e:
+        raise stopping.Interrupted(e.signum, where=" during evaluation") from None
+    except Exception as e:  # trained and checkpointed: `python -m harness.evaluate` can redo it
+        reason = f"{EVALUATION_FAILED} {type(e).__name__}: {errors.message(e)}"
+        tail = traceback.format_exc().splitlines()[-12:]
+        _record_failure(run_dir, b.dist, "failed", reason, step=step, traceback=tail)
+        raise
+    rundir.write_status(run_dir, rundir.FINISHED, step=step)
+    print(json.dumps({k: round(v, 2) for k, v in metrics.items()}, indent=1))
 
 
 EVALUATION_FAILED = "evaluation:"  # status reason prefix: trained, but not evaluated
@@ -269,12 +337,19 @@ def _evaluate(b: Built, model: torch.nn.Module, run_dir: Path) -> dict[str, floa
 def evaluate_run_dir(run_dir: str | Path, *, device: str = "auto") -> dict[str, float]:
     """Rebuild model and method from a run directory alone, load its checkpoint, evaluate.
 
-    A multi-stage directory (a grid cell) evaluates its last stage, the method's result.
+    A multi-stage directory (a grid cell) evaluates its last stage, the method's result. The
+    run's lock is held meanwhile: a run still training is refused, not evaluated half-way.
     """
     run_dir = rundir.final_run_dir(Path(run_dir))
     record = rundir.read_json(run_dir / "run.json")
     if record is None or not (run_dir / "operative_config.gin").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no run.json / operative_config.gin)")
+    writable_dir(run_dir)  # before the work: its results are written there
+    with rundir.held(rundir.guarding_dir(run_dir), doing="evaluating"):
+        return _evaluate_run_dir(run_dir, record, device)
+
+
+def _evaluate_run_dir(run_dir: Path, record: dict[str, Any], device: str) -> dict[str, float]:
     config.parse(
         [run_dir / "operative_config.gin"], rundir.earlier_stages_now(run_dir), trusted=False
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from harness import checkpoint, distributed, faults
+from harness import checkpoint, distributed, faults, stopping
 from harness.config import ConfigError
 from harness.data import (
     DataConfig,
@@ -40,7 +40,7 @@ from harness.data import (
 )
 from harness.distributed import DistInfo
 from harness.manifest import Manifest
-from harness.metrics import MetricsLogger, NvmlSampler, PeakMemory
+from harness.metrics import HostLoad, MetricsLogger, NvmlSampler, PeakMemory
 from methods.base import Method
 
 LR_RULES = ("none", "linear", "sqrt")
@@ -263,21 +263,19 @@ class Diverged(RuntimeError):
         self.step = step
 
 
-class Interrupted(RuntimeError):
-    def __init__(self, step: int, signum: int):
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved"
-        )
-        self.step = step
-
-
 @dataclass
 class TrainState:
     step: int = 0
     corrupt_samples: int = 0
+    # images that were in a global batch more than once (several ranks only: one reader's
+    # batch never holds an image twice, but two ranks' readers can at an epoch boundary)
+    duplicate_images: int = 0
     # samples each of this rank's loader readers has consumed, corrupt ones included: where a
     # resumed run's readers start (a batch count alone would miss the corrupt samples)
     reader_samples: list[int] | None = None
+    # per reader: positions among those samples that wait for a batch (an image already in
+    # the batch being filled, at an epoch boundary); a resumed reader keeps them
+    reader_pending: list[list[int]] | None = None
 
 
 class Trainer:
@@ -327,13 +325,15 @@ class Trainer:
             world_size=dist.world_size,
         )
         self.logger = MetricsLogger(self.run_dir, enabled=dist.is_main)
-        self._stop_signal: int | None = None
         # called with the step number after every step (bench/ times steps with it); None: off
         self.on_step: Callable[[int], None] | None = None
 
     # -- checkpoints --------------------------------------------------
-    def checkpoint_payload(self, reader_samples: list[list[int]]) -> dict[str, Any]:
-        """Everything a resumed run needs; ``reader_samples``: every rank's, [rank][reader]."""
+    def checkpoint_payload(
+        self, reader_samples: list[list[int]], reader_pending: list[list[list[int]]]
+    ) -> dict[str, Any]:
+        """Everything a resumed run needs; ``reader_samples`` and ``reader_pending``: every
+        rank's, [rank][reader]."""
         return {
             "model": self.model.state_dict(),
             "method": self.method.state_dict(),
@@ -342,9 +342,11 @@ class Trainer:
             "step": self.state.step,
             "samples_seen": self.state.step * self.config.batch_size,
             "corrupt_samples": self.state.corrupt_samples,
+            "duplicate_images": self.state.duplicate_images,
             "data_position": {
                 "batches_consumed": self.state.step,
                 "reader_samples": reader_samples,
+                "reader_pending": reader_pending,
             },
             "train_seconds_used": self.clock.elapsed(),
             "rng": checkpoint.rng_state(),
@@ -352,10 +354,16 @@ class Trainer:
             "batch_size": self.config.batch_size,
         }
 
-    def _gather_reader_samples(self) -> list[list[int]]:
-        """Every rank's ``reader_samples`` (a collective: all ranks call it)."""
-        mine = torch.tensor(self._reader_samples(), dtype=torch.long, device=self.dist.device)
-        return distributed.all_gather(mine[None]).tolist()
+    def _gather_reader_positions(self) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """Every rank's reader samples and pending positions (a collective: all ranks call it)."""
+        mine = (self._reader_samples(), self._reader_pending())
+        everyone = distributed.all_gather_object(mine)
+        return [samples for samples, _ in everyone], [pending for _, pending in everyone]
+
+    def _reader_pending(self) -> list[list[int]]:
+        if self.state.reader_pending is None:
+            return [[] for _ in self._reader_samples()]
+        return self.state.reader_pending
 
     def _reader_samples(self) -> list[int]:
         if self.state.reader_samples is None:  # nothing consumed yet in this process
@@ -366,11 +374,9 @@ class Trainer:
         return self.state.reader_samples
 
     def save_checkpoint(self) -> None:
-        reader_samples = self._gather_reader_samples()
+        positions = self._gather_reader_positions()
         if self.dist.is_main:
-            checkpoint.save(
-                checkpoint.latest(self.run_dir), self.checkpoint_payload(reader_samples)
-            )
+            checkpoint.save(checkpoint.latest(self.run_dir), self.checkpoint_payload(*positions))
         distributed.barrier()
 
     def resume(self, path: Path) -> None:
@@ -390,26 +396,34 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         # older checkpoints have no reader positions; another worker count deals the shards to
         # readers differently, so its positions mean nothing here: both skip by batches
-        readers = state.get("data_position", {}).get("reader_samples")
+        position = state.get("data_position", {})
+        readers, pending = position.get("reader_samples"), position.get("reader_pending")
         mine = readers[self.dist.rank] if readers else None
         if mine is not None and len(mine) != loader_readers(self.loader_args["config"].num_workers):
             mine = None
         self.state = TrainState(
-            step=state["step"], corrupt_samples=state.get("corrupt_samples", 0), reader_samples=mine
-        )
+            step=state["step"], corrupt_samples=state.get("corrupt_samples", 0),
+            duplicate_images=state.get("duplicate_images", 0), reader_samples=mine,
+            reader_pending=pending[self.dist.rank] if mine is not None and pending else None,
+        )  # fmt: skip
         self.clock.restore(state.get("train_seconds_used", 0.0))
         checkpoint.set_rng_state(state["rng"])
 
     # -- the loop -----------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to the budget; return a throughput summary. Raises Diverged / Interrupted."""
+        """Train to the budget; return a throughput summary. Raises Diverged, or
+        ``stopping.Interrupted`` after a stop signal (with the checkpoint of that step saved)."""
         cfg = self.config
         self.clock.restore(self.clock.used)  # the time budget counts from here, not set-up
+        self.logger.open(from_step=self.state.step)
         self.state.reader_samples = self._reader_samples()
+        self.state.reader_pending = self._reader_pending()
         loader = iter(
             train_loader(
                 **self.loader_args, skip_batches=self.state.step,
-                skip_samples=list(self.state.reader_samples),  # the loop updates the state's
+                # copies: the loop updates the state's
+                skip_samples=list(self.state.reader_samples),
+                skip_pending=[list(p) for p in self.state.reader_pending],
             )
         )  # fmt: skip
         self.step_module.train()
@@ -425,42 +439,64 @@ class Trainer:
             disable=not (self.dist.is_main and cfg.progress_bar), desc=self.method.name,
         )  # fmt: skip
         timing = _Timing(self.dist.device)
-        with self._signals(), timing:
-            while self.state.step < cfg.total_steps:
-                t0 = time.perf_counter()
-                batch = next(loader)
-                t_data = time.perf_counter()
-                # batch i comes from reader i % readers (round-robin); a CPU tensor: no sync
-                readers = self.state.reader_samples
-                readers[self.state.step % len(readers)] = int(batch["consumed"])
-                faults.at_step(self.state.step, self.dist.rank)
-                terms = self._one_step(prepare_batch(batch, self.dist.device))
-                loss = terms["loss"].detach()
-                # device-side NaN watch: no host sync per step; checked when we log anyway
-                bad = ~torch.isfinite(loss) & (bad_step < 0)
-                bad_step = torch.where(bad, self.state.step, bad_step)  # a number: no copy
-                meter.add(terms, int(batch["corrupt"]))
-                self.state.step += 1
-                timing.add(t_data - t0, time.perf_counter() - t0)
-                bar.update(1)
-                if self.on_step is not None:
-                    self.on_step(self.state.step)
-                done = self.state.step == cfg.total_steps
-                if self.state.step % cfg.log_every_steps == 0 or done:
-                    self._log(meter, timing, bar, bad_step)
-                    if distributed.any_rank(self._stop_signal is not None):
-                        self.save_checkpoint()
-                        raise Interrupted(self.state.step, self._stop_signal or signal.SIGTERM)
-                    if self.clock.seconds and not done:  # all ranks agree when time is up
-                        done = self.clock.agree() >= 1.0
-                if (ckpt_every and self.state.step % ckpt_every == 0) or done:
-                    self._check_finite(bad_step)
-                    with timing.paused():  # checkpoint I/O is not step time
-                        self.save_checkpoint()
-                if done:
-                    break
+        stop = distributed.StopVote()
+        try:
+            with stopping.installed(), stopping.deferred(), timing:
+                while self.state.step < cfg.total_steps:
+                    t0 = time.perf_counter()
+                    batch = next(loader)
+                    t_data = time.perf_counter()
+                    # batch i comes from reader i % readers (round-robin); a CPU tensor: no sync
+                    reader = self.state.step % len(self.state.reader_samples)
+                    self.state.reader_samples[reader] = int(batch["consumed"])
+                    self.state.reader_pending[reader] = batch["pending"].tolist()
+                    faults.at_step(self.state.step, self.dist.rank)
+                    terms = self._one_step(prepare_batch(batch, self.dist.device))
+                    loss = terms["loss"].detach()
+                    # device-side NaN watch: no host sync per step; checked when we log anyway
+                    bad = ~torch.isfinite(loss) & (bad_step < 0)
+                    bad_step = torch.where(bad, self.state.step, bad_step)  # a number: no copy
+                    meter.add(terms, int(batch["corrupt"]), self._duplicates(batch["index"]))
+                    self.state.step += 1
+                    timing.add(t_data - t0, time.perf_counter() - t0)
+                    bar.update(1)
+                    if self.on_step is not None:
+                        self.on_step(self.state.step)
+                    done = self.state.step == cfg.total_steps
+                    if self.state.step % cfg.log_every_steps == 0 or done:
+                        self._log(meter, timing, bar, bad_step)
+                        if self.clock.seconds and not done:  # all ranks agree when time is up
+                            done = self.clock.agree() >= 1.0
+                    if stop.cast(stopping.requested() is not None) and not done:
+                        stop.close()
+                        self._stop_here(meter, timing, bar, bad_step)
+                    if (ckpt_every and self.state.step % ckpt_every == 0) or done:
+                        self._check_finite(bad_step)
+                        with timing.paused():  # checkpoint I/O is not step time
+                            self.save_checkpoint()
+                    if done:
+                        break
+        finally:
+            del loader  # its workers end now, not when a stop's traceback is collected
+        stop.close()
         bar.close()
-        return timing.summary(cfg.batch_size)
+        return timing.summary(cfg.batch_size, self._host_cpu_seconds(timing.host))
+
+    def _host_cpu_seconds(self, host: HostLoad) -> float:
+        """The CPU time every rank on this machine used (a collective: all ranks call it):
+        the other ranks are this run, not other processes contending for the machine."""
+        here = socket.gethostname()
+        ranks = distributed.all_gather_object((here, host.own_seconds()))
+        return sum(seconds for name, seconds in ranks if name == here)
+
+    def _stop_here(self, meter: _Meter, timing: _Timing, bar: tqdm, bad_step: torch.Tensor):
+        """A stop signal: log what the interval has, checkpoint this step, raise Interrupted."""
+        if meter.count:
+            self._log(meter, timing, bar, bad_step)  # also refuses to checkpoint a NaN
+        with timing.paused():
+            self.save_checkpoint()
+        bar.close()
+        raise stopping.Interrupted(stopping.requested(), self.state.step)
 
     def _one_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = self._forward(batch)
@@ -487,6 +523,13 @@ class Trainer:
         self.scheduler.step()
         self.method.after_step(self.model)
 
+    def _duplicates(self, index: torch.Tensor) -> torch.Tensor | int:
+        """Images held twice in this step's global batch, on the device (no host sync)."""
+        if self.dist.world_size == 1:
+            return 0  # one reader's batch: distinct by construction (harness.data)
+        ordered = distributed.all_gather(index).sort().values
+        return (ordered[1:] == ordered[:-1]).sum()
+
     def _check_finite(self, bad_step: torch.Tensor) -> None:
         step = int(bad_step.item())  # host sync
         if step >= 0:
@@ -495,6 +538,7 @@ class Trainer:
     def _log(self, meter: _Meter, timing: _Timing, bar: tqdm, bad_step: torch.Tensor) -> None:
         values = meter.flush()  # one host sync for every logged scalar
         self.state.corrupt_samples += values.pop("corrupt_samples")
+        self.state.duplicate_images += values.pop("duplicate_images")
         self._check_finite(bad_step)
         interval = timing.flush_interval()
         record = {
@@ -505,23 +549,10 @@ class Trainer:
             "step_time_ms": interval["step_ms"],
             "data_wait_ms": interval["data_ms"],
             "corrupt_samples": self.state.corrupt_samples,
+            "duplicate_images": self.state.duplicate_images,
         }
         self.logger.log(record, step=self.state.step)
         bar.set_postfix(loss=f"{values['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-
-    @contextlib.contextmanager
-    def _signals(self):
-        """SIGINT/SIGTERM ask for a clean stop: checkpoint at the next log step, then exit."""
-
-        def request_stop(signum, frame):
-            self._stop_signal = signum
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     def close(self) -> None:
         self.logger.close()
@@ -535,8 +566,11 @@ class _Meter:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.corrupt = 0
+        self.duplicates: torch.Tensor | int = 0
 
-    def add(self, terms: dict[str, torch.Tensor], corrupt: int) -> None:
+    def add(
+        self, terms: dict[str, torch.Tensor], corrupt: int, duplicates: torch.Tensor | int = 0
+    ) -> None:
         """``terms``: ``TrainStep``'s output, the summed loss first."""
         for key, value in terms.items():
             if value.numel() != 1:
@@ -545,13 +579,15 @@ class _Meter:
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
         self.count += 1
         self.corrupt += corrupt
+        self.duplicates = self.duplicates + duplicates
 
     def flush(self) -> dict[str, float]:
         keys = list(self.sums)
         values = torch.stack([self.sums[k] for k in keys]).div(self.count).tolist() if keys else []
         out = dict(zip(keys, values, strict=True))
         out["corrupt_samples"] = self.corrupt
-        self.sums, self.count, self.corrupt = {}, 0, 0
+        out["duplicate_images"] = int(self.duplicates)
+        self.sums, self.count, self.corrupt, self.duplicates = {}, 0, 0, 0
         return out
 
 
@@ -568,17 +604,20 @@ class _Timing:
         self.intervals: list[dict[str, float]] = []
         self.peak = PeakMemory(device)
         self.gpu = NvmlSampler(device)
+        self.host = HostLoad()
 
     def __enter__(self) -> _Timing:
         # not this run's peak: the FLOP count's passes, or a shared stage trained before in
         # this process (their freed heap is handed back; the warm-up interval pages it in again)
         self.peak.reset(release_freed=True)
         self.gpu.start()
+        self.host.start()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.gpu.stop()
+        self.host.stop()
 
     def add(self, data_s: float, step_s: float) -> None:
         self.data += data_s
@@ -607,7 +646,8 @@ class _Timing:
         self.start, self.data, self.steps = now, 0.0, 0
         return interval
 
-    def summary(self, batch_size: int) -> dict[str, Any]:
+    def summary(self, batch_size: int, host_cpu_seconds: float | None = None) -> dict[str, Any]:
+        """The run's figures; ``host_cpu_seconds``: CPU time of every rank on this machine."""
         kept = self.intervals[self.WARMUP_INTERVALS :] or self.intervals
         steps = sum(i["steps"] for i in kept)
         wall = sum(i["wall_s"] for i in kept)
@@ -627,6 +667,7 @@ class _Timing:
             "peak_memory_mb": self.peak.peak_mb(),
             "memory_kind": self.peak.kind,
             **{k if k.startswith("gpu_") else f"gpu_{k}": v for k, v in self.gpu.result().items()},
+            "host_load": self.host.result(host_cpu_seconds),
         }
 
 

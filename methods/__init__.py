@@ -12,14 +12,11 @@ import pkgutil
 
 import gin
 
+from harness.errors import UnknownMethodError
 from methods.base import Method, RunInfo, Stage
 
 _REGISTRY: dict[str, type[Method]] = {}
 _NOT_METHODS = {"base", "common"}
-
-
-class UnknownMethodError(ValueError):
-    pass
 
 
 def register(name: str):

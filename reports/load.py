@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class CellResult:
     seed: int
     stages: list[Stage]
     per_query: dict = field(default_factory=dict)
+    directory: Path | None = None
 
     @property
     def variant(self) -> str:
@@ -129,6 +131,21 @@ class Sweep:
         return sorted({c.seed for c in self.cells})
 
 
+def lock_is_held(run_dir: Path) -> bool:
+    """Whether a live process holds the run directory's ``.lock`` (an flock, which the kernel
+    releases when its holder dies: a ``running`` status nobody holds is a dead run's)."""
+    path = Path(run_dir) / ".lock"
+    if not path.exists():
+        return False
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def load_stage(name: str, run_dir: Path, shared: bool) -> Stage:
     return Stage(
         name=name,
@@ -167,6 +184,7 @@ def load_cell(entry: dict, sweep_dir: Path) -> CellResult:
         seed=int(train.get("seed", values.get("SEED", 0))),
         stages=stages,
         per_query=read_json(final.run_dir / "eval_ranks.json") or {},
+        directory=cell_dir,
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reports import stats
-from reports.load import CellResult, Sweep, load_sweep
+from reports.load import CellResult, Sweep, load_sweep, lock_is_held
 
 METRICS = [
     ("i2t_r1", "image→text R@1 (%)"),
@@ -152,8 +152,20 @@ def metric_section(sweep: Sweep, metric: str, title: str, groups) -> tuple[str, 
         }
     if all(all(cell == "—" for cell in row[1:-1]) for row in rows):
         return "", {}
-    text = f"### {title}\n\n{table(header, rows)}\n\n![{metric}](plots/{metric}.png)\n"
+    chance = chance_level(sweep, metric)
+    heading = title + (f"; chance {chance:.2g}%" if chance is not None else "")
+    text = f"### {heading}\n\n{table(header, rows)}\n\n![{metric}](plots/{metric}.png)\n"
     return text, numbers
+
+
+def chance_level(sweep: Sweep, metric: str) -> float | None:
+    """What a random ranking or a uniform guess scores on ``metric`` (the evaluator's
+    ``chance_<metric>``), from the first cell that has it."""
+    return next(
+        (c.final.metrics[f"chance_{metric}"] for c in sweep.cells
+         if f"chance_{metric}" in c.final.metrics),
+        None,
+    )  # fmt: skip
 
 
 def gap_slope(sweep: Sweep, groups, method: str, metric: str) -> stats.GapSlope | None:
@@ -225,14 +237,16 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
     header = [
         "method",
         "batch",
-        "samples/s",
+        "samples/s (run mean)",
         "step ms median [p10, p90]",
         "data wait",
         "peak mem (MB)",
         "GPU util % (NVML)",
         "train GFLOP/sample",
         "MFU",
+        "others' CPU",
         "corrupt samples",
+        "duplicate images",  # in one global batch: two ranks' readers at an epoch boundary
     ]
     rows = []
     world = int(sweep.record.get("world_size", 1))  # samples/s are global, the peak per device
@@ -249,10 +263,18 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
                 method, str(b), _num(t.get("samples_per_s"), 0), _step_ms(t),
                 f"{100 * t.get('data_wait_fraction', float('nan')):.0f}%", _num(t.get("peak_memory_mb"), 0),
                 _num(t.get("gpu_util_mean_pct"), 0),
-                _num(flops / 1e9 if flops else None, 3), mfu, str(int(t.get("corrupt_samples", 0))),
+                _num(flops / 1e9 if flops else None, 3), mfu, _contention(cells),
+                str(int(t.get("corrupt_samples", 0))), str(int(t.get("duplicate_images", 0))),
             ])  # fmt: skip
+    if not any(row[-1] != "0" for row in rows):  # the usual case: no column of zeros
+        header, rows = header[:-1], [row[:-1] for row in rows]
     return table(header, rows) + (
-        "\n\nEach row is the stage that trains the method's objective at that batch (superclass: "
+        "\n\nsamples/s is the run's mean over its timed intervals (samples trained ÷ their "
+        "seconds), not batch ÷ median step. *others' CPU* is the share of the machine's CPU "
+        "time that processes other than the run used while it trained; ⚠ marks a cell measured "
+        f"on a shared machine (above {CONTENDED_ABOVE:.0%}): its speed figures are not "
+        "comparable with the others'. "
+        "Each row is the stage that trains the method's objective at that batch (superclass: "
         "stage 1, not its LiT readout; siclip: the student, its teacher's forward included). "
         "Step times are means over the intervals between log steps (the device synchronised at "
         "each), the first interval and checkpoint writes left out; median and p10/p90 over those "
@@ -260,6 +282,18 @@ def throughput_section(sweep: Sweep, groups, peak: float | None) -> str:
         "Per-phase times and the loader-only figure come from `python -m bench.throughput`, which "
         "synchronises between phases: training does not pay for that."
     )
+
+
+CONTENDED_ABOVE = 0.10  # harness.metrics.HostLoad's threshold, recorded per cell as "contended"
+
+
+def _contention(cells: list[CellResult]) -> str:
+    """The largest share of the machine other processes used while a seed's run trained."""
+    loads = [c.main.throughput.get("host_load") or {} for c in cells]
+    shares = [h["cpu_share_others"] for h in loads if h.get("cpu_share_others") is not None]
+    if not shares:
+        return "n/a"
+    return f"{max(shares):.0%}" + (" ⚠" if any(h.get("contended") for h in loads) else "")
 
 
 def _step_ms(t: dict) -> str:
@@ -329,7 +363,7 @@ def status_section(sweep: Sweep) -> str:
         rows = [
             [
                 c.name,
-                c.status,
+                _status_text(c),
                 str(c.final.status.get("step", "")),
                 str(c.final.status.get("reason", ""))[:120],
             ]
@@ -337,6 +371,14 @@ def status_section(sweep: Sweep) -> str:
         ]
         text += "\n\n" + table(["cell", "status", "step", "reason"], rows)
     return text
+
+
+def _status_text(cell: CellResult) -> str:
+    """The cell's status; a ``running`` one that no live process holds is named stale."""
+    status = cell.final.status
+    if cell.status != "running" or cell.directory is None or lock_is_held(cell.directory):
+        return cell.status
+    return f"running? (stale: pid {status.get('pid', '?')} on {status.get('host', '?')} is gone)"
 
 
 def provenance(sweep: Sweep, peak: float | None, peak_how: str) -> str:
@@ -410,6 +452,7 @@ def build_report(sweep_dir: str | Path) -> Path:
         "\n\n".join(
             [
                 f"# Batch sweep report: {sweep.directory.name}",
+                *smoke_check_note(sweep),
                 provenance(sweep, peak, peak_how),
                 "## Status\n\n" + status_section(sweep),
                 "## Quality by method and batch size\n\n" + STATS_NOTE,
@@ -426,6 +469,19 @@ def build_report(sweep_dir: str | Path) -> Path:
     _replace(sweep.directory / "report.json", json.dumps(numbers, indent=1, default=str))
     write_hparams(sweep, sweep.directory / "tb_hparams")
     return out
+
+
+def smoke_check_note(sweep: Sweep) -> list[str]:
+    """A sweep configured as a smoke check (``Grid.smoke_check``) says so before any number."""
+    if not sweep.record.get("smoke_check"):
+        return []
+    return [
+        "> **A smoke check, not a result.** This sweep is configured as a smoke check "
+        "(`Grid.smoke_check = True`): it trains each cell on a budget far too small to compare "
+        "methods, to show that every method runs end to end and that the report is whole. Its "
+        "numbers sit near the chance levels in the table titles, and its CIs and p-values say "
+        "nothing about the methods. The main job is `configs/batch_sweep.gin`."
+    ]
 
 
 def _replace(path: Path, text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import gin
@@ -12,6 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# per-machine measurements (the CPU's matmul peak) go to a folder of this test session's
+os.environ.setdefault("CLIPBENCH_CACHE", tempfile.mkdtemp(prefix="clipbench-cache-"))
 
 
 @pytest.fixture(autouse=True)

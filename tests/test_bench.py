@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -301,15 +300,9 @@ def test_loss_micro_benchmarks_time_methods_as_runs_configure_them(tmp_path):
 
     try:
         method, outputs = outputs_of("neuclip", 32, models.model_config("micro-vit"), tmp_path)
+        configured = gin.query_parameter("neuclip.num_prototypes")  # bound by the gin file only
     finally:
         gin.clear_config()
-    assert method.num_prototypes == gin_value("configs/methods/neuclip.gin", "num_prototypes")
+    assert method.num_prototypes == configured
     assert method.counts["queue_fill"] == method.num_prototypes
     assert torch.isfinite(total_loss(method.loss(outputs)))
-
-
-def gin_value(path: str, name: str) -> int:
-    for line in Path(path).read_text().splitlines():
-        if line.split("=")[0].strip().endswith(f".{name}"):
-            return int(line.split("=")[1].split("#")[0])
-    raise KeyError(name)

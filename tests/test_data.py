@@ -1,6 +1,7 @@
 """The data pipeline: exactly once per epoch across ranks x workers, deterministic resume."""
 
 import io
+import itertools
 from collections import Counter
 from dataclasses import replace
 
@@ -434,3 +435,112 @@ def test_a_resumed_reader_skips_the_corrupt_samples_it_had_consumed(tiny_data, t
     assert [i for i, _, _ in batches(stop, readers)] == [i for i, _, _ in full[stop:]]
     # counting the batches alone re-serves as many samples as were corrupt
     assert [i for i, _, _ in batches(stop)] != [i for i, _, _ in full[stop:]]
+
+
+# ---------------------------------------------------------------- distinct images per batch
+
+
+@pytest.fixture(scope="module")
+def images_48(tmp_path_factory):
+    """48 training images in 3 shards: one reader's epoch is 1.5 batches of 32."""
+    from data_tools.builtin import BuiltinSpec, build
+
+    spec = BuiltinSpec(num_train=48, num_test=8, shard_size=16, test_captions=2, image_size=16)
+    return build(spec, tmp_path_factory.mktemp("data48") / "d", workers=1, verbose=False)
+
+
+def train_batches(manifest, count, *, batch, rank=0, world=1, workers=1, skip=None, pending=None):
+    """The first ``count`` training batches of one rank's endless stream."""
+    stream = ShardStream(
+        manifest, "train", batch_size=batch, image_size=16, context_length=36, train=True,
+        augment="open_clip", seed=5, rank=rank, world_size=world, num_workers=workers,
+        shuffle_buffer=2000, skip_samples=skip, skip_pending=pending,
+    )  # fmt: skip
+    return list(itertools.islice(make_loader(stream, workers), count))
+
+
+def test_no_batch_holds_an_image_twice_on_48_images_at_batch_32(images_48):
+    manifest = load_manifest(images_48)
+    batches = train_batches(manifest, 30, batch=32)  # 20 epochs
+    seen = Counter()
+    for b in batches:
+        index = b["index"].tolist()
+        assert len(set(index)) == len(index) == 32, sorted(index)
+        seen.update(index)
+        # every sample once per epoch: no image is ever a whole epoch ahead of another
+        counts = [seen[i] for i in range(48)]
+        assert max(counts) - min(counts) <= 1
+    assert sum(len(b["pending"]) > 0 for b in batches) > 0  # the boundary case did happen
+
+
+def test_a_finite_stream_reads_every_sample_once_per_epoch_in_distinct_batches(images_48):
+    manifest = load_manifest(images_48)
+    stream = ShardStream(
+        manifest, "train", batch_size=32, image_size=16, context_length=36, train=True,
+        seed=5, num_workers=1, shuffle_buffer=20, epochs=5,
+    )  # fmt: skip
+    batches = [b["index"].tolist() for b in make_loader(stream, 1)]
+    assert all(len(set(b)) == len(b) for b in batches)
+    assert Counter(i for b in batches for i in b) == Counter({i: 5 for i in range(48)})
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reader_resumes_with_the_samples_that_were_waiting_for_a_batch(tiny_data, workers):
+    manifest = load_manifest(tiny_data)
+    full = train_batches(manifest, 40, batch=64, workers=workers)  # 400 images: 6.4 epochs
+    stop = next(k for k in range(workers, 40) if len(full[k - 1]["pending"]) > 0)
+    last = {(k % workers): full[k] for k in range(stop)}  # each reader's last batch before stop
+    skip = [int(last[r]["consumed"]) for r in range(workers)]
+    waiting = [last[r]["pending"].tolist() for r in range(workers)]
+    stream = ShardStream(
+        manifest, "train", batch_size=64, image_size=16, context_length=36, train=True,
+        augment="open_clip", seed=5, num_workers=workers, shuffle_buffer=2000,
+        skip_batches=stop, skip_samples=skip, skip_pending=waiting,
+    )  # fmt: skip
+    resumed = list(itertools.islice(make_loader(stream, workers), 40 - stop))
+    assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in full[stop:]]
+    assert torch.equal(resumed[0]["image"], full[stop]["image"])  # same crops, same captions
+    assert torch.equal(resumed[0]["text"], full[stop]["text"])
+
+
+def test_each_rank_batch_is_distinct_on_the_2_rank_x_2_worker_split(tiny_data):
+    manifest = load_manifest(tiny_data)
+    for rank in range(2):
+        # 100 images per reader an epoch, batches of 64: every other batch spans a boundary
+        for b in train_batches(manifest, 24, batch=64, rank=rank, world=2, workers=2):
+            index = b["index"].tolist()
+            assert len(set(index)) == len(index) == 64
+
+
+def test_a_reader_with_fewer_images_than_a_batch_is_refused():
+    from harness.data import DistinctBatcher
+
+    batcher = DistinctBatcher(4, distinct=True)
+    for position in range(5):  # one image, again and again: 1 in the batch, 4 waiting
+        batcher.offer(position, {"index": 0})
+    with pytest.raises(DataError, match="fewer distinct readable images than a batch"):
+        batcher.offer(5, {"index": 0})
+    evaluation = DistinctBatcher(2, distinct=False)  # evaluation keeps every sample
+    evaluation.offer(0, {"index": 0})
+    evaluation.offer(1, {"index": 0})
+    assert evaluation.full
+
+
+def test_a_batch_larger_than_one_readers_epoch_is_refused_before_training(images_48, tmp_path):
+    from harness import config
+    from harness.config import ConfigError
+    from harness.train import check_data_fits
+
+    def check(batch: int, workers: int, world: int) -> None:
+        bindings = [
+            f"DATA='{images_48}'",
+            f"DataConfig.num_workers={workers}",
+            f"BATCH_SIZE={batch}",
+        ]
+        config.parse(["configs/smoke.gin"], bindings)
+        check_data_fits(config.resolve(), load_manifest(images_48), world_size=world)
+
+    check(32, workers=1, world=1)  # one reader sees all 48 images
+    with pytest.raises(ConfigError, match=r"one reader gets as few as 16 training samples"):
+        check(32, workers=2, world=1)  # 3 shards of 16 over 2 readers
+    check(16, workers=2, world=1)

@@ -241,7 +241,7 @@ def test_killed_sweep_rerun_skips_finished_cells_and_resumes_the_interrupted_one
         json.loads(line)["step"]
         for line in Path(f"{second}/metrics.jsonl").read_text().splitlines()
     ]
-    assert steps[-1] == 100 and steps[0] == 10
+    assert steps[-1] == 100 and steps[0] == 10 and steps == sorted(set(steps))  # each step once
 
 
 @pytest.mark.slow
@@ -304,14 +304,15 @@ def test_slurm_script_for_a_2x5_grid(tmp_path, tiny_data):
     slurm = sweep / "slurm"
     header = (slurm / "cells.sbatch").read_text()
     for line in ("#SBATCH --array=0-9", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "srun --kill-on-bad-exit=1"):  # fmt: skip
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "srun --kill-on-bad-exit=1",
+                 "#SBATCH --signal=B:USR1@120"):  # fmt: skip
         assert line in header, line
     assert not (sweep / "cells").exists()  # nothing ran
     tasks = sorted(slurm.glob("cell_*.sh"))
     assert len(tasks) == 10
     task = (slurm / "cell_7.sh").read_text()
     assert (
-        "--nnodes=$SLURM_NNODES --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500"
+        "--nnodes=$SLURM_NNODES --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:${MASTER_PORT:-29500}"
         in task
     )
     assert "--cell --resume" in task and "'SEED = 1'" in task and "'BATCH_SIZE = 64'" in task

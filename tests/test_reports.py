@@ -415,3 +415,68 @@ def test_cells_of_another_axis_are_rows_of_their_own_never_pooled(tmp_path):
     assert variant_of({"TrainConfig.seed": 1, "TrainConfig.batch_size": 32, rule: "none"}) == (
         f"{rule}='none'"
     )
+
+
+# ---------------------------------------------------------------- honest cost and context
+
+
+def test_chance_levels_contention_and_the_run_mean_are_said(tmp_path):
+    chance = {"chance_i2t_r1": 0.1, "chance_mean_r1": 0.1}
+    loads = {
+        "clip": {"cpu_share_others": 0.02, "contended": False},
+        "superclip": {"cpu_share_others": 0.61, "contended": True},
+    }
+    duplicates = {"clip": 0, "superclip": 3}  # two ranks' readers at an epoch boundary
+    cells = []
+    for method in ("clip", "superclip"):
+        cells.append((method, 32, 0, {"i2t_r1": 5.0, "mean_r1": 4.0, **chance}))
+    sweep = write_sweep(tmp_path / "sweep", cells)
+    for method, load in loads.items():  # add what the trainer records of the machine's load
+        path = sweep / "cells" / f"method={method}__batch_size=32__seed=0__h" / "throughput.json"
+        recorded = {"host_load": load, "duplicate_images": duplicates[method]}
+        path.write_text(json.dumps({**json.loads(path.read_text()), **recorded}))
+    report = build_report(sweep).read_text()
+    assert "### image→text R@1 (%); chance 0.1%" in report
+    assert "### mean R@1 (%); chance 0.1%" in report
+    assert "samples/s (run mean)" in report and "not batch ÷ median step" in report
+    throughput = report.split("## Throughput")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0]: line for line in throughput.splitlines() if line.startswith("| ")}
+    assert "| 2% |" in rows["| clip"] and "⚠" not in rows["| clip"]
+    assert "| 61% ⚠ |" in rows["| superclip"]
+    assert "| duplicate images |" in throughput and rows["| superclip"].endswith("| 0 | 3 |")
+    assert "A smoke check" not in report
+
+
+def test_a_smoke_check_sweep_says_so_before_any_number(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep", [("clip", 32, 0, {"i2t_r1": 1.0})])
+    record = json.loads((sweep / "sweep.json").read_text())
+    (sweep / "sweep.json").write_text(json.dumps({**record, "smoke_check": True}))
+    report = build_report(sweep).read_text()
+    assert report.index("**A smoke check, not a result.**") < report.index("git commit")
+
+
+def test_a_stale_running_cell_is_named_in_the_report(tmp_path):
+    import fcntl
+
+    sweep = write_sweep(
+        tmp_path / "sweep",
+        [
+            ("clip", 32, 0, {}, {"status": "running"}),
+            ("superclip", 32, 0, {}, {"status": "running"}),
+        ],
+    )
+    dead, live = (
+        sweep / "cells" / f"method={m}__batch_size=32__seed=0__h" for m in ("clip", "superclip")
+    )
+    for cell in (dead, live):
+        status = json.loads((cell / "status.json").read_text())
+        (cell / "status.json").write_text(json.dumps({**status, "pid": 4242, "host": "node7"}))
+    (dead / ".lock").write_text("{}")  # its holder died: nobody holds the flock
+    with open(live / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live trainer
+        report = build_report(sweep).read_text()
+    rows = {
+        line.split(" | ")[0]: line for line in report.splitlines() if line.startswith("| method=")
+    }
+    assert "running? (stale: pid 4242 on node7 is gone)" in rows[f"| {dead.name}"]
+    assert f"| {live.name} | running |" in report
