@@ -18,7 +18,7 @@ import open_clip
 import torch
 
 from bench.measure import now, summarise_ms
-from harness.metrics import PeakMemory
+from harness.hardware import PeakMemory
 
 
 def bare_model(model_cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:

@@ -1,7 +1,7 @@
 """Build one benchmark cell (method x batch size x model) exactly as a run builds it.
 
-The config goes through the one gin parse site (``configs/base.gin`` plus bindings), the same
-validation, the same seeded model construction and the same ``Trainer`` as ``harness.train``;
+The config goes through the planner (``configs/base.gin`` plus bindings), the same validation,
+the same seeded model construction and the same ``Trainer`` as ``harness.execute``;
 only the budget is set in steps and periodic checkpoints are off, so what is timed is the
 training step a real run executes.
 """
@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 
-from harness import config, models
-from harness.config import RunSpec
-from harness.train import Built, build, build_trainer
+from harness import distributed, models
+from harness.execute import Built, build, build_trainer
+from harness.plan import validate
+from harness.planner import plan_stage
+from harness.rundir import RunDir
+from harness.specs import RunSpec
 from harness.trainer import Trainer
 from methods import method_class
 
@@ -74,8 +77,15 @@ def cell_bindings(
     return [*bindings, *extra]
 
 
+def check_cell(bindings: list[str], *, run_dir: Path, config_file: str = BASE_CONFIG) -> RunSpec:
+    """Plan and validate the config as one run, as a run is validated (one clear error for a
+    bad binding, model or batch); returns its spec."""
+    cell = plan_stage([config_file], bindings, run_dir=run_dir)
+    validate([cell], distributed.init(cell.stages[0].spec.run.device))
+    return cell.stages[0].spec
+
+
 def build_cell(bindings: list[str], *, run_dir: Path, config_file: str = BASE_CONFIG) -> Cell:
-    """Parse, validate and build as ``harness.train.run_one`` does; no training yet."""
-    config.parse([config_file], bindings)
-    built = build(config.resolve())
-    return Cell(built, build_trainer(built, run_dir))
+    """Plan, validate and build as ``harness.execute.run_stage`` does; no training yet."""
+    built = build(check_cell(bindings, run_dir=run_dir, config_file=config_file))
+    return Cell(built, build_trainer(built, RunDir(run_dir)))

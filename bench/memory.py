@@ -22,10 +22,10 @@ import methods
 from bench.measure import sync
 from harness import models
 from harness.costs import count_costs, synthetic_batch
-from harness.data import prepare_batch
+from harness.data.loader import prepare_batch
 from harness.errors import report_errors
-from harness.metrics import PeakMemory
-from harness.trainer import TrainStep, autocast, enable_grad_checkpointing
+from harness.hardware import PeakMemory
+from harness.step import TrainStep, autocast, enable_grad_checkpointing
 
 
 def peak_of(run: Callable[[], None], device: torch.device) -> tuple[float, float, str]:

@@ -23,10 +23,10 @@ import torch
 from bench.bare import time_bare_loop
 from harness import models
 from harness.costs import synthetic_batch
-from harness.data import prepare_batch
+from harness.data.loader import prepare_batch
 from harness.errors import report_errors
-from harness.metrics import NvmlSampler
-from harness.trainer import autocast
+from harness.hardware import NvmlSampler
+from harness.step import autocast
 
 SAMPLER_COUNTS = (0, 1, 2)
 

@@ -3,7 +3,7 @@
 1. ``time_steps``: ``Trainer.fit`` itself (real loader, logging, progress bar), with the device
    synchronised only at step boundaries by the trainer's ``on_step`` hook. Median, p10, p90.
 2. ``time_phases``: a separate, instrumented pass through the same step pieces
-   (``Trainer._forward`` / ``_backward`` / ``_optimizer_step``), synchronised between phases, so
+   (``Trainer.forward`` / ``backward`` / ``optimizer_step``), synchronised between phases, so
    phase times include that synchronisation overhead and do not add up to the step time of pass 1.
 3. ``time_loader``: the same loader configuration iterated alone.
 """
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from bench.measure import now, summarise_ms
-from harness.data import prepare_batch, train_loader
-from harness.metrics import NvmlSampler, PeakMemory
+from harness.data.loader import prepare_batch, train_loader
+from harness.hardware import NvmlSampler, PeakMemory
 from harness.trainer import Trainer
 
 PHASES = (
@@ -187,11 +187,11 @@ def _one_phased_step(
     t1 = now(device)
     prepared = prepare_batch(batch, device)
     t2 = now(device)
-    loss = trainer._forward(prepared)["loss"]
+    loss = trainer.forward(prepared)["loss"]
     t3 = now(device)
-    trainer._backward(loss)
+    trainer.backward(loss)
     t4 = now(device)
-    trainer._optimizer_step()
+    trainer.optimizer_step()
     t5 = now(device)
     loss_s, frozen_s, comm_s = loss_timer.pop(), frozen.pop(), comm_seconds()
     return {

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.measure import NA
 from bench.phases import PHASES
-from harness.manifest import write_json_atomic
+from harness.files import write_json_atomic
 
 BASELINE = "clip"
 BARE_ROWS = ("bare", "bare+loader")  # bench/bare.py baselines, in memory and fed live

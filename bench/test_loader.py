@@ -25,15 +25,10 @@ import numpy as np
 import pytest
 
 from harness import models
-from harness.data import (
-    DataConfig,
-    ShardStream,
-    decode_image,
-    random_resized_box,
-    resolve_manifest,
-    sample_meta,
-    to_pixels,
-)
+from harness.data.loader import resolve_manifest
+from harness.data.samples import decode_image, random_resized_box, sample_meta, to_pixels
+from harness.data.stream import ShardStream
+from harness.specs import DataConfig
 
 MODEL = "tiny-vit"
 SAMPLES = 256

@@ -19,8 +19,8 @@ import torch
 
 import methods
 from harness import models
-from harness.data import prepare_batch
-from harness.trainer import total_loss
+from harness.data.loader import prepare_batch
+from harness.step import total_loss
 from methods.token_classification import TokenClassifier
 from tests.dist_utils import build, make_batch
 

@@ -40,16 +40,14 @@ import torch
 
 from bench import comm, report
 from bench.bare import time_bare_loop
-from bench.cell import BASE_CONFIG, Cell, build_cell, cell_bindings
+from bench.cell import Cell, build_cell, cell_bindings, check_cell
 from bench.measure import load_average, machine
 from bench.phases import PHASES_NOTE, time_loader, time_phases, time_steps
-from harness import config, distributed
+from harness import distributed
 from harness.costs import count_costs, device_peak_flops
-from harness.data import prepare_batch, train_loader
-from harness.distributed import DistInfo
+from harness.data.loader import prepare_batch, train_loader
 from harness.errors import report_errors
-from harness.train import validate
-from harness.trainer import autocast
+from harness.step import autocast
 from methods import registered_names
 
 BARE = "bare"  # the bare loop on batches already in memory
@@ -194,15 +192,14 @@ def cells(args: argparse.Namespace) -> list[tuple[str, int]]:
     return [(m, b) for b in args.batch_sizes for m in methods]
 
 
-def check_cells(args: argparse.Namespace, dist: DistInfo) -> None:
+def check_cells(args: argparse.Namespace) -> None:
     """Every cell's config, model and data, checked as a run checks them before anything is
     measured: a bad binding, model name or batch size is one error, not a failed row per cell
     in a report written half-way."""
     trained = dict.fromkeys((trained_method(m), b) for m, b in cells(args))  # each config once
     with tempfile.TemporaryDirectory(prefix="bench-check-") as tmp:
         for method, batch in trained:
-            config.parse([BASE_CONFIG], bindings_of(args, method, batch, Path(tmp)))
-            validate(config.resolve(), dist)
+            check_cell(bindings_of(args, method, batch, Path(tmp)), run_dir=Path(tmp) / "run")
 
 
 def run_subprocess(args: argparse.Namespace, method: str, batch: int, peak, out: Path) -> dict:
@@ -233,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cell_out.write_text(json.dumps(record, indent=1, default=str))
         return 0
     with report_errors():
-        check_cells(args, dist)
+        check_cells(args)
     out = args.out or Path("reports/bench") / time.strftime("%Y%m%d-%H%M%S")
     header = {
         **machine(device),

@@ -39,9 +39,12 @@ import webdataset as wds
 
 from bench.measure import load_average, machine, now, summarise_ms
 from harness import models
-from harness.data import IMAGE_KEYS, DataConfig, resolve_manifest, sample_meta
+from harness.data.loader import resolve_manifest
+from harness.data.samples import IMAGE_KEYS, sample_meta
 from harness.errors import report_errors
-from harness.manifest import Manifest, write_json_atomic
+from harness.files import write_json_atomic
+from harness.manifest import Manifest
+from harness.specs import DataConfig
 
 SIDES = ("open_clip", "open_clip_fused", "harness")
 DIFFERENCES = (

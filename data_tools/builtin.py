@@ -33,6 +33,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from harness.files import sha256_file
 from harness.manifest import (
     MANIFEST_NAME,
     DataError,
@@ -43,7 +44,6 @@ from harness.manifest import (
     check_shards,
     load_manifest,
     save_manifest,
-    sha256_file,
 )
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")

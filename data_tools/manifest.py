@@ -32,7 +32,8 @@ import webdataset as wds
 
 from data_tools.shards import arguments, parallel_map
 from harness.errors import report_errors
-from harness.manifest import DataError, Manifest, ShardInfo, SplitInfo, save_manifest, sha256_file
+from harness.files import sha256_file
+from harness.manifest import DataError, Manifest, ShardInfo, SplitInfo, save_manifest
 
 
 @dataclass(frozen=True)

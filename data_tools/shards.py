@@ -46,17 +46,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from harness.errors import report_errors
-from harness.manifest import (
-    DataError,
-    LabelTask,
-    Manifest,
-    ShardInfo,
-    SplitInfo,
-    save_manifest,
-    sha256_file,
-    writable_dir,
-    write_json_atomic,
-)
+from harness.files import sha256_file, writable_dir, write_json_atomic
+from harness.manifest import DataError, LabelTask, Manifest, ShardInfo, SplitInfo, save_manifest
 
 WRITER_VERSION = 1  # bump whenever the bytes written for the same plan change
 DONE_DIR = ".done"

@@ -23,9 +23,10 @@ from typing import Any
 import webdataset as wds
 
 from data_tools.shards import parallel_map
-from harness.data import decode_image, sample_meta
+from harness.data.samples import decode_image, sample_meta
 from harness.errors import report_errors
-from harness.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
+from harness.files import sha256_file
+from harness.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 
 MAX_LISTED = 50
 

@@ -8,17 +8,15 @@ are stored, which is what ``weights_only=True`` accepts: loading never executes 
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from harness import faults
-from harness.errors import CheckpointError, naming
+from harness import faults, files
+from harness.errors import CheckpointError
 
 LATEST = "latest.pt"
 
@@ -51,38 +49,20 @@ def _as_tuple(x: Any) -> Any:
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the previous checkpoint or the new one, never a torn file.
-    A failed write (a full disk, a file-size limit) raises the OSError that caused it, naming
-    ``path``: torch's own message for it is an internal assertion ('enforce fail at ...').
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise naming(e, path) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer = _RecordingWriter(f)
-            try:
-                torch.save(payload, writer)
-            except RuntimeError:
-                if writer.error is None:
-                    raise
-                raise writer.error from None
-            f.flush()
-            os.fsync(f.fileno())
+    """torch.save to a temporary file beside ``path``, then rename it over ``path``: a crash
+    at any point leaves the previous checkpoint or the new one, never a torn file. A failed
+    write (a full disk, a file-size limit) raises the OSError that caused it, naming ``path``:
+    torch's own message for it is an internal assertion ('enforce fail at ...')."""
+    with files.replaced_atomically(path, "wb") as f:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(payload, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
         faults.during_checkpoint_write(int(payload.get("step", -1)))
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)  # a full disk gets its space back (status.json must still be written)
-        if isinstance(e, OSError):
-            raise naming(e, path) from None
-        raise
-    return path
+    return Path(path)
 
 
 class _RecordingWriter:

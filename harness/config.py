@@ -1,9 +1,10 @@
 """The one gin parse site.
 
-Every configurable module is imported before parsing (gin locks the config after), every file
-is syntax-checked first so that an error names its file and line, and all the small frozen
-config dataclasses are instantiated here, once, into a ``RunSpec``. Inner code receives explicit
-values, never gin.
+gin names the config dataclasses of ``harness.specs``, the sweep's ``Grid`` and every registered
+method (``superclip.cls_weight = ...``); they are registered here, so no module below the entry
+point depends on gin. Every file is syntax-checked first so that an error names its file and
+line, and ``resolve`` turns the parsed config into a ``RunSpec``: plain values that the plan
+carries to every process. Nothing else reads gin.
 
 Macros every config understands (``configs/base.gin`` defines their defaults)::
 
@@ -12,78 +13,63 @@ Macros every config understands (``configs/base.gin`` defines their defaults)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import importlib
-import importlib.util  # gin 0.5.0 needs importlib.util loaded to report a missing file
 import json
 import re
 import tokenize
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import gin
 from gin import config_parser
 
-from harness.errors import ConfigError
+import methods
+from harness.errors import ConfigError, UserError
+from harness.grid import Grid
+from harness.plan import bindings_of
+from harness.specs import DataConfig, EvalConfig, MethodSpec, RunConfig, RunSpec, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MACROS = ("METHOD", "BATCH_SIZE", "SEED", "TRAIN_SAMPLES", "MODEL", "DATA")
 _SEARCH_PATHS: set[Path] = set()
-# modules whose import registers gin configurables (methods registers every method)
-CONFIGURABLE_MODULES = (
-    "harness.data",
-    "harness.faults",
-    "harness.grid",
-    "harness.trainer",
-    "methods",
-)
 
 
-@gin.configurable
-@dataclass(frozen=True)
-class RunConfig:
-    """Which method and which model; ``device`` is auto, cpu or cuda."""
-
-    method: str = "clip"
-    model: str = "tiny-vit"
-    device: str = "auto"
+def _faults(spec: str = "") -> str:
+    """``Faults.spec``: a deliberate fault for the reliability tests (harness.faults)."""
+    return spec
 
 
-@gin.configurable
-@dataclass(frozen=True)
-class EvalConfig:
-    batch_size: int = 250
-    chunk_size: int = 1024  # queries scored at once; bounds memory at O(N * chunk)
-    split: str = "test"
-    probe_split: str = "train"
-    probe_train_samples: int = 2000  # labelled train images used to fit the probe
-    probe_C: float = 1.0  # inverse L2 strength of the logistic regression
-    probe_max_iter: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.probe_split == self.split:
-            raise ValueError(
-                f"EvalConfig.probe_split={self.probe_split!r} is the evaluation split: the "
-                f"probe would be fitted on the images it is scored on"
-            )
+# gin's wrappers of the plain classes, by the names config files use
+_CONFIGURABLE = {
+    cls: gin.external_configurable(cls, cls.__name__, module="harness")
+    for cls in (RunConfig, TrainConfig, DataConfig, EvalConfig, Grid)
+}
+_FAULTS = gin.external_configurable(_faults, "Faults", module="harness")
+_METHODS = {
+    name: gin.external_configurable(methods.method_class(name), name, module="methods")
+    for name in methods.registered_names()
+}
 
 
-def import_configurables() -> None:
-    """Import every module that declares configurables, so gin knows them before parsing."""
-    for name in CONFIGURABLE_MODULES:
-        importlib.import_module(name)
+def _resolved(cls: type) -> Any:
+    """An instance of ``cls`` (not gin's subclass of it) with the values the config binds."""
+    made = _CONFIGURABLE[cls]()
+    return cls(**{f.name: getattr(made, f.name) for f in dataclasses.fields(cls)})
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    run: RunConfig
-    train: Any  # harness.trainer.TrainConfig
-    data: Any  # harness.data.DataConfig
-    eval: EvalConfig
+def configured_method(name: str) -> methods.Method:
+    """The method ``name`` built with its bound hyperparameters (so they count as operative)."""
+    methods.method_class(name)  # an unknown name: the error lists the registered ones
+    try:
+        return _METHODS[name]()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(_without_gin_suffix(e)) from None
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: asdict(v) for k, v in self.__dict__.items()}
+
+def _without_gin_suffix(error: Exception) -> str:
+    # gin appends "In call to configurable ..." to errors raised inside a configurable
+    return str(error).split("\n  In call to configurable")[0]
 
 
 def _includes(path: Path) -> list[Path]:
@@ -141,7 +127,6 @@ def parse(
 
     ``trusted=False`` (configs read back from run directories) refuses gin import statements.
     """
-    import_configurables()
     paths = [_resolve(str(f), Path.cwd(), None) for f in config_files]
     for path in paths:
         check_syntax(path)
@@ -203,14 +188,34 @@ def _clean(error: Exception, bindings: list[str]) -> str:
 
 
 def resolve() -> RunSpec:
-    """Instantiate the config dataclasses from the parsed gin config."""
-    from harness.data import DataConfig
-    from harness.trainer import TrainConfig
-
+    """The parsed config's run: its config dataclasses and its method's hyperparameters."""
     try:
-        return RunSpec(run=RunConfig(), train=TrainConfig(), data=DataConfig(), eval=EvalConfig())
+        run = _resolved(RunConfig)
+        method = MethodSpec(
+            run.method, gin.get_bindings(run.method) if run.method in _METHODS else {}
+        )
+        return RunSpec(
+            run=run, train=_resolved(TrainConfig), data=_resolved(DataConfig),
+            eval=_resolved(EvalConfig), method=method, faults=_FAULTS(),
+        )  # fmt: skip
     except (ValueError, TypeError) as e:
-        raise ConfigError(str(e).split("\n  In call to configurable")[0]) from None
+        if isinstance(e, UserError):
+            raise
+        raise ConfigError(_without_gin_suffix(e)) from None
+
+
+def configured_grid() -> Grid | None:
+    """The parsed config's grid, or None when the config is a single run."""
+    try:
+        axes = gin.query_parameter("Grid.axes")
+    except ValueError:
+        return None
+    if not axes:
+        return None
+    try:
+        return _resolved(Grid)
+    except ValueError as e:
+        raise ConfigError(_without_gin_suffix(e)) from None
 
 
 def macro(name: str) -> Any:
@@ -229,63 +234,13 @@ def operative_config() -> str:
     return gin.operative_config_str()
 
 
-# How a sweep is laid out and launched (its axes, launcher, report): no single run's result
-# depends on it, so adding a seed or a batch size to a grid keeps the cells already run. World
-# size, the one launch choice that can change a result, is hashed by the callers.
-SWEEP_LAYOUT = frozenset({"Grid"})
-
-
 def config_hash(*extra: Any, ignore: frozenset[str] = frozenset()) -> str:
     """Hash of the complete parsed config plus anything else that changes the result.
 
     ``ignore`` names configurables whose bindings are left out (e.g. the hyperparameters of
     methods other than the one a run trains, which cannot change its result); the sweep layout
-    is always left out.
+    is always left out (``plan.bindings_of``).
     """
-    lines = _bindings(full_config(), ignore=ignore)
+    lines = bindings_of(full_config(), ignore=ignore)
     payload = "\n".join(lines) + "".join(json.dumps(x, sort_keys=True, default=str) for x in extra)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
-
-
-def differing_bindings(
-    saved: str, *, ignore: frozenset[str] = frozenset(), ignore_params: frozenset[str] = frozenset()
-) -> list[str]:
-    """The bindings where the parsed config and ``saved`` (an earlier ``full_config()``) differ,
-    as '- old' and '+ new'. Left out: the bindings of the ``ignore`` configurables and the sweep
-    layout (as in ``config_hash``) and of ``ignore_params`` such as 'superclass.init_from', which
-    hold the directories of earlier stages (their own configs are checked where they run, and a
-    sweep may have moved since)."""
-
-    def kept(text: str) -> list[str]:
-        return [
-            binding
-            for binding in _bindings(text, ignore=ignore)
-            if not any(binding.split("=", 1)[0].strip().endswith(p) for p in ignore_params)
-        ]
-
-    old, new = kept(saved), kept(full_config())
-    old_set, new_set = set(old), set(new)
-    return [f"- {x}" for x in old if x not in new_set] + [f"+ {x}" for x in new if x not in old_set]
-
-
-def _bindings(text: str, *, ignore: frozenset[str]) -> list[str]:
-    """gin's config text as one string per binding (a long value goes on over indented lines),
-    without comments, blank lines, the sweep layout and the ``ignore`` configurables."""
-    bindings: list[str] = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        if line[0].isspace() and bindings:
-            bindings[-1] += "\n" + line
-        else:
-            bindings.append(line)
-    left_out = ignore | SWEEP_LAYOUT
-    return [b for b in bindings if _configurable_of(b) not in left_out]
-
-
-def _configurable_of(line: str) -> str | None:
-    """'scope/module.name.param = value' -> 'name'; None for macros, comments and blank lines."""
-    selector = line.split("=", 1)[0].strip()
-    if "=" not in line or line.startswith("#") or "." not in selector:
-        return None
-    return selector.rsplit("/", 1)[-1].rsplit(".", 2)[-2]

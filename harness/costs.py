@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness import distributed
-from harness.data import prepare_batch
-from harness.manifest import write_json_atomic
+from harness.data.loader import prepare_batch
+from harness.files import write_json_atomic
 
 
 class _NoModuleTracking:

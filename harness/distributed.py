@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 
 
 @dataclass(frozen=True)

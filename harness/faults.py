@@ -16,8 +16,9 @@ import os
 import time
 from dataclasses import dataclass
 
-import gin
 import torch
+
+from harness.errors import ConfigError
 
 ENV = "CLIPBENCH_FAULT"
 KINDS = ("oom", "crash", "exit", "slow_checkpoint")
@@ -36,25 +37,19 @@ class Fault:
 _active: Fault | None = None
 
 
-@gin.configurable
-@dataclass(frozen=True)
-class Faults:
-    spec: str = ""
-
-
 def parse_spec(spec: str) -> Fault | None:
     if not spec:
         return None
     parts = spec.split("@")
     if parts[0] not in KINDS or len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[1:]):
-        raise ValueError(f"fault {spec!r}: expected <kind>@<step>[@<rank>] with kind in {KINDS}")
+        raise ConfigError(f"fault {spec!r}: expected <kind>@<step>[@<rank>] with kind in {KINDS}")
     return Fault(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None)
 
 
-def activate() -> None:
-    """Read the fault for this run (gin first, then the environment); call after parsing."""
+def activate(spec: str = "") -> None:
+    """Arm this run's fault: ``spec`` (``Faults.spec``), else the environment's."""
     global _active
-    _active = parse_spec(Faults().spec or os.environ.get(ENV, ""))
+    _active = parse_spec(spec or os.environ.get(ENV, ""))
 
 
 def at_step(step: int, rank: int) -> None:

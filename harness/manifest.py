@@ -28,16 +28,13 @@ Labels for label tasks live in the json under ``labels`` (task name -> class ind
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import DataError, naming
+from harness.errors import DataError
+from harness.files import sha256_file, write_json_atomic
 
 FORMAT = "clipbench-manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -97,59 +94,6 @@ class Manifest:
             "skipped": list(self.skipped),
             "source": dict(self.source),
         }
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=False))
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` so that a reader sees the old file or the new one, never half of one.
-    An OSError (read-only folder, full disk) names ``path``, not the temporary file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise naming(e, path) from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise naming(e, path) from None
-        raise
-
-
-def writable_dir(path: str | Path) -> Path:
-    """Make the folder ``path`` if needed and check that a file can be written in it, before
-    any work is done there; an OSError names the folder."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(path))
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
-    except OSError as e:
-        raise naming(e, path) from None
-    os.close(fd)
-    os.unlink(probe)
-    return path
 
 
 def save_manifest(manifest: Manifest, folder: str | Path) -> Path:

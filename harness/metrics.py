@@ -1,4 +1,6 @@
-"""Run metrics: one JSON object per line in ``metrics.jsonl`` and the same scalars in TensorBoard.
+"""Run metrics: one JSON object per line in ``metrics.jsonl`` and the same scalars in TensorBoard,
+the step timing behind the throughput figures, and ``Metrics``, the trainer's component that
+owns them and their cadence.
 
 Only the main process writes. Lines are flushed as written, so a killed run keeps every line
 logged before it died; a reader skips a torn last line.
@@ -6,21 +8,19 @@ logged before it died; a reader skips a torn last line.
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import json
 import math
-import os
-import resource
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from harness import host_memory
-from harness.manifest import write_text_atomic
+from harness.files import write_text_atomic
+from harness.hardware import HostLoad, NvmlSampler, PeakMemory
 
 
 class MetricsLogger:
@@ -88,221 +88,168 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-class PeakMemory:
-    """Peak memory since ``reset`` (or process start): CUDA max_memory_allocated on GPU, peak RSS
-    on CPU.
-
-    On Linux the process's RSS high-water mark (VmHWM) is reset by writing 5 to
-    /proc/self/clear_refs, so a peak can be taken over the measured steps only; where that is
-    not possible the process-lifetime peak (getrusage) is reported and named as such.
-    """
+class Meter:
+    """Sums of logged terms over a log interval, kept on the device until flushed."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.corrupt = 0
+        self.duplicates: torch.Tensor | int = 0
 
-    def reset(self, *, release_freed: bool = False) -> None:
-        """Start a new peak. On CPU, VmHWM restarts from the resident set, which holds the heap
-        that earlier work freed (``host_memory.keep_freed_memory`` keeps it): ``release_freed``
-        hands that back to the kernel first, so it does not count as this peak. (Not between
-        warm-up and timed steps: the timed steps would page their buffers in again.)"""
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        if release_freed:
-            gc.collect()
-            host_memory.release_free_memory()
+    def add(
+        self, terms: dict[str, torch.Tensor], corrupt: int, duplicates: torch.Tensor | int = 0
+    ) -> None:
+        """``terms``: ``TrainStep``'s output, the summed loss first."""
+        for key, value in terms.items():
+            if value.numel() != 1:
+                continue
+            value = value.detach().float().reshape(())
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+        self.corrupt += corrupt
+        self.duplicates = self.duplicates + duplicates
+
+    def flush(self) -> dict[str, float]:
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).div(self.count).tolist() if keys else []
+        out = dict(zip(keys, values, strict=True))
+        out["corrupt_samples"] = self.corrupt
+        out["duplicate_images"] = int(self.duplicates)
+        self.sums, self.count, self.corrupt, self.duplicates = {}, 0, 0, 0
+        return out
+
+
+class StepTiming:
+    """Host-side step timing, with the run's peak memory and NVML sampling (a context manager:
+    both start on entry). Interval means are exact once the log step has synchronised."""
+
+    WARMUP_INTERVALS = 1  # the first logged interval (compilation, allocator warm-up) is excluded
+
+    def __init__(self, device: torch.device):
+        self.data = 0.0
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.intervals: list[dict[str, float]] = []
+        self.peak = PeakMemory(device)
+        self.gpu = NvmlSampler(device)
+        self.host = HostLoad()
+
+    def __enter__(self) -> StepTiming:
+        # not this run's peak: the FLOP count's passes, or a shared stage trained before in
+        # this process (their freed heap is handed back; the warm-up interval pages it in again)
+        self.peak.reset(release_freed=True)
+        self.gpu.start()
+        self.host.start()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gpu.stop()
+        self.host.stop()
+
+    def add(self, data_s: float, step_s: float) -> None:
+        self.data += data_s
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is left out of the current interval."""
+        began = time.perf_counter()
         try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.kind = "process peak RSS (lifetime; could not reset)"
+            yield
+        finally:
+            self.start += time.perf_counter() - began
 
-    def held_mb(self) -> float:
-        """What the process holds now (CUDA allocated, or resident set size), for a baseline."""
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device) / 2**20
-        return (_proc_status_kb("VmRSS") or 0) / 1024
+    def flush_interval(self) -> dict[str, float]:
+        now = time.perf_counter()
+        wall = now - self.start
+        interval = {
+            "steps": self.steps,
+            "wall_s": wall,
+            "step_ms": 1000 * wall / max(1, self.steps),
+            "data_ms": 1000 * self.data / max(1, self.steps),
+            "samples_per_step": self.steps / max(wall, 1e-9),
+        }
+        self.intervals.append(interval)
+        self.start, self.data, self.steps = now, 0.0, 0
+        return interval
 
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        hwm = _proc_status_kb("VmHWM")
-        if hwm is None:
-            self.kind = "process peak RSS (lifetime, getrusage)"
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return hwm / 1024
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class NvmlSampler:
-    """GPU utilisation and memory sampled by a background thread while the steps run.
-
-    ``result()`` is {"gpu_util_mean_pct", "gpu_util_max_pct", "gpu_mem_used_max_mb", "samples",
-    "nvml"}; on a CPU run, or when NVML cannot be used, every value is None and "nvml" says why.
-    """
-
-    def __init__(self, device: torch.device, interval_s: float = 0.05):
-        self.device, self.interval_s = device, interval_s
-        self.util: list[int] = []
-        self.mem: list[int] = []
-        self.reason: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._nvml = None
-        self._handle = None
-
-    def start(self) -> None:
-        if self.device.type != "cuda":
-            self.reason = "no GPU (CPU run)"
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = _nvml_handle(pynvml, self.device)
-        except Exception as e:  # NVML missing or the device not found: say so, never guess
-            self.reason = f"NVML unavailable: {type(e).__name__}: {e}"
-            return
-        self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:  # at least one sample, however short the timed steps
-            try:
-                self.util.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
-                self.mem.append(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
-            except Exception as e:
-                self.reason = f"NVML query failed: {type(e).__name__}: {e}"
-                return
-            if self._stop.wait(self.interval_s):
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._nvml is not None:
-            self._nvml.nvmlShutdown()
-            self._nvml = None
-
-    def result(self) -> dict[str, Any]:
-        if not self.util:
-            return {
-                "gpu_util_mean_pct": None,
-                "gpu_util_max_pct": None,
-                "gpu_mem_used_max_mb": None,
-                "samples": 0,
-                "nvml": self.reason or "no samples taken",
-            }
+    def summary(self, batch_size: int, host_cpu_seconds: float | None = None) -> dict[str, Any]:
+        """The run's figures; ``host_cpu_seconds``: CPU time of every rank on this machine."""
+        kept = self.intervals[self.WARMUP_INTERVALS :] or self.intervals
+        steps = sum(i["steps"] for i in kept)
+        wall = sum(i["wall_s"] for i in kept)
+        step_ms = [i["step_ms"] for i in kept]
+        nan = float("nan")
+        quantiles = statistics.quantiles(step_ms, n=10, method="inclusive") if len(kept) > 1 else []
         return {
-            "gpu_util_mean_pct": statistics.fmean(self.util),
-            "gpu_util_max_pct": max(self.util),
-            "gpu_mem_used_max_mb": max(self.mem) / 2**20,
-            "samples": len(self.util),
-            "nvml": self.reason or f"sampled every {self.interval_s * 1000:.0f} ms",
+            "samples_per_s": batch_size * steps / max(wall, 1e-9),
+            "step_time_ms_median": statistics.median(step_ms) if step_ms else nan,
+            "step_time_ms_p10": quantiles[0] if quantiles else None,  # one interval: no spread
+            "step_time_ms_p90": quantiles[-1] if quantiles else None,
+            "data_wait_fraction": sum(i["data_ms"] * i["steps"] for i in kept)
+            / max(1e-9, 1000 * wall),
+            "measured_steps": steps,
+            "timing": "means of the intervals between log steps (host clock, synchronised at "
+            "each log; the first interval and checkpoint writes left out)",
+            "peak_memory_mb": self.peak.peak_mb(),
+            "memory_kind": self.peak.kind,
+            **{k if k.startswith("gpu_") else f"gpu_{k}": v for k, v in self.gpu.result().items()},
+            "host_load": self.host.result(host_cpu_seconds),
         }
 
 
-def _nvml_handle(pynvml, device: torch.device):
-    """The NVML handle of ``device``: by UUID (robust to CUDA_VISIBLE_DEVICES), else by index."""
-    props = torch.cuda.get_device_properties(device)
-    uuid = getattr(props, "uuid", None)
-    if uuid is not None:
-        try:
-            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        except pynvml.NVMLError:
-            pass
-    return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+class Metrics:
+    """A run's curves and speed, with their cadence: a meter of the logged terms (kept on the
+    device until a log step), step timing, the progress bar, and metrics.jsonl and TensorBoard
+    (written by the main process only)."""
 
+    def __init__(
+        self, run_dir: Path, *, device: torch.device, log_every: int, progress_bar: bool,
+        batch_size: int, main: bool, name: str,
+    ):  # fmt: skip
+        self.log_every, self.batch_size, self.name = log_every, batch_size, name
+        self.logger = MetricsLogger(run_dir, enabled=main)
+        self.meter = Meter(device)
+        self.timing = StepTiming(device)
+        self.show_bar = main and progress_bar
+        self.bar: tqdm | None = None
 
-class HostLoad:
-    """What the machine's CPUs did while the steps ran: this run's share and everyone else's.
+    def start(self, step: int, total: int) -> None:
+        self.logger.open(from_step=step)
+        self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+                        disable=not self.show_bar, desc=self.name)  # fmt: skip
 
-    Read from /proc (Linux) when the steps start and end: the machine's busy time over all its
-    CPUs (``/proc/stat``), the CPU time of this process and its children (the loader workers),
-    and the 1-minute load average. ``cpu_share_others`` is the share of the machine's CPU time
-    that other processes used meanwhile; above ``CONTENDED_ABOVE`` the run's speed figures
-    were measured on a shared machine and say so. Where /proc is missing every value is None.
-    """
+    def add(self, terms: dict[str, torch.Tensor], batch: dict, duplicates, *, data_s: float,
+            step_s: float) -> None:  # fmt: skip
+        self.meter.add(terms, int(batch["corrupt"]), duplicates)
+        self.timing.add(data_s, step_s)
+        self.bar.update(1)
 
-    CONTENDED_ABOVE = 0.10
+    def due(self, step: int, done: bool) -> bool:
+        return done or step % self.log_every == 0
 
-    def __init__(self) -> None:
-        self._start: tuple[float, tuple[int, int] | None, float] | None = None
-        self._end: tuple[float, tuple[int, int] | None, float] | None = None
-        self._load: list[float | None] = []
+    def log(self, step: int, lr: float, state: Any) -> None:
+        """The interval's means (one host sync for them all); the interval's corrupt samples and
+        duplicate images are added to ``state``'s counts, which the record carries."""
+        if not self.meter.count:
+            return
+        values = self.meter.flush()
+        state.corrupt_samples += values.pop("corrupt_samples")
+        state.duplicate_images += values.pop("duplicate_images")
+        interval = self.timing.flush_interval()
+        record = {
+            "samples": step * self.batch_size, "lr": lr, **values,
+            "samples_per_s": interval["samples_per_step"] * self.batch_size,
+            "step_time_ms": interval["step_ms"], "data_wait_ms": interval["data_ms"],
+            "corrupt_samples": state.corrupt_samples, "duplicate_images": state.duplicate_images,
+        }  # fmt: skip
+        self.logger.log(record, step=step)
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
 
-    def start(self) -> None:
-        self._start = (time.perf_counter(), _machine_jiffies(), own_cpu_seconds())
-        self._load = [_load_average()]
-
-    def stop(self) -> None:
-        self._end = (time.perf_counter(), _machine_jiffies(), own_cpu_seconds())
-        self._load.append(_load_average())
-
-    def own_seconds(self) -> float:
-        """CPU seconds this process and its children used between start and stop."""
-        return max(0.0, self._end[2] - self._start[2]) if self._start and self._end else 0.0
-
-    def result(self, own_seconds: float | None = None) -> dict[str, Any]:
-        """The figures; ``own_seconds``: the run's CPU time on this machine, every rank's
-        (default: this process's)."""
-        cpus = os.cpu_count() or 1
-        out: dict[str, Any] = {"cpus": cpus, "load_avg_1m": self._load or None}
-        if not (self._start and self._end and self._start[1] and self._end[1]):
-            return {**out, "cpu_share_busy": None, "cpu_share_own": None,
-                    "cpu_share_others": None, "contended": None}  # fmt: skip
-        wall = max(self._end[0] - self._start[0], 1e-9)
-        busy = self._end[1][0] - self._start[1][0]
-        total = max(self._end[1][1] - self._start[1][1], 1)
-        own = (self.own_seconds() if own_seconds is None else own_seconds) / (wall * cpus)
-        others = max(0.0, busy / total - own)
-        return {
-            **out,
-            "cpu_share_busy": busy / total,
-            "cpu_share_own": own,
-            "cpu_share_others": others,
-            "contended": others > self.CONTENDED_ABOVE,
-        }
-
-
-def _machine_jiffies() -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat's first line."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is counted in user time already
-    return total - idle, total
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds used by this process (all its threads) and its live children, from /proc."""
-    me, total = os.getpid(), 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        pid, ppid = int(stat.parent.name), int(fields[1])
-        if me in (pid, ppid):
-            total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.logger.close()

@@ -22,9 +22,9 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from harness import config
-from harness.grid import Cell, Grid, cell_args, shared_root
-from harness.pipeline import plan_runs
+from harness.grid import Grid
+from harness.launch import REPO_ROOT, cell_args, write_sweep
+from harness.plan import SweepPlan
 
 
 def _header(grid: Grid, name: str, array: int, log_dir: Path) -> list[str]:
@@ -52,7 +52,7 @@ def _array_body(folder: Path, prefix: str) -> list[str]:
     task = shlex.quote(str(folder.resolve() / prefix)) + "_${SLURM_ARRAY_TASK_ID}.sh"
     return [
         "set -uo pipefail",
-        f"cd {shlex.quote(str(config.REPO_ROOT))}",
+        f"cd {shlex.quote(str(REPO_ROOT))}",
         'export HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
         "# the time limit is near (or pre-emption): the cell checkpoints and stops; requeue it",
         "requeue=0 step=",
@@ -81,61 +81,38 @@ def _task_script(grid: Grid, harness_args: list[str]) -> str:
     return "#!/bin/bash\nset -euo pipefail\n" + quoted + "\n"
 
 
-def shared_stage_jobs(
-    config_file: Path, bindings: list[str], cells: list[Cell], sweep_dir: Path
-) -> list[list[str]]:
+def shared_stage_jobs(plan: SweepPlan, plan_file: Path) -> list[list[str]]:
     """One job per unique shared stage: run the first cell that needs it up to that stage."""
     jobs, seen = [], set()
-    for cell in cells:
-        runs = plan_runs(
-            [config_file], [*bindings, *cell.bindings], out=cell.directory(sweep_dir),
-            shared_root=shared_root(sweep_dir),
-        )  # fmt: skip
-        for run in runs:
-            if run.stage.shared and run.run_dir not in seen:
-                seen.add(run.run_dir)
-                jobs.append(
-                    [*cell_args(config_file, bindings, cell, sweep_dir), "--stage", run.stage.name]
-                )
+    for cell in plan.cells:
+        for stage in cell.stages:
+            if stage.shared and stage.run_dir not in seen:
+                seen.add(stage.run_dir)
+                jobs.append([*cell_args(plan_file, cell), "--stage", stage.name])
     return jobs
 
 
-def write_slurm(
-    config_file: Path, bindings: list[str], cells: list[Cell], grid: Grid, sweep_dir: Path
-) -> Path:
-    folder = sweep_dir / "slurm"
-    folder.mkdir(parents=True, exist_ok=True)
-    logs = folder / "logs"
-    logs.mkdir(exist_ok=True)
-    for i, cell in enumerate(cells):
-        (folder / f"cell_{i}.sh").write_text(
-            _task_script(grid, cell_args(config_file, bindings, cell, sweep_dir))
-        )
+def write_slurm(plan: SweepPlan) -> Path:
+    """The sweep's record and plan, and the SLURM scripts that run it; returns cells.sbatch."""
+    plan_file = write_sweep(plan)
+    grid, folder = plan.grid, plan.directory / "slurm"
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    for i, cell in enumerate(plan.cells):
+        (folder / f"cell_{i}.sh").write_text(_task_script(grid, cell_args(plan_file, cell)))
     cells_script = folder / "cells.sbatch"
-    cells_script.write_text(
-        "\n".join(
-            [*_header(grid, "clipbench-cells", len(cells), logs), *_array_body(folder, "cell")]
-        )
-        + "\n"
-    )
-    shared = shared_stage_jobs(config_file, bindings, cells, sweep_dir)
+    header = _header(grid, "clipbench-cells", len(plan.cells), folder / "logs")
+    cells_script.write_text("\n".join([*header, *_array_body(folder, "cell")]) + "\n")
+    shared = shared_stage_jobs(plan, plan_file)
     for j, args in enumerate(shared):
         (folder / f"shared_{j}.sh").write_text(_task_script(grid, args))
     submit = ["#!/bin/bash", "set -euo pipefail", 'cd "$(dirname "$0")"']
     if shared:
+        header = _header(grid, "clipbench-shared", len(shared), folder / "logs")
         (folder / "shared.sbatch").write_text(
-            "\n".join(
-                [
-                    *_header(grid, "clipbench-shared", len(shared), logs),
-                    *_array_body(folder, "shared"),
-                ]
-            )
-            + "\n"
+            "\n".join([*header, *_array_body(folder, "shared")]) + "\n"
         )
-        submit += [
-            "SHARED=$(sbatch --parsable shared.sbatch)",
-            'sbatch --dependency=afterok:"$SHARED" cells.sbatch',
-        ]
+        submit += ["SHARED=$(sbatch --parsable shared.sbatch)",
+                   'sbatch --dependency=afterok:"$SHARED" cells.sbatch']  # fmt: skip
     else:
         submit += ["sbatch cells.sbatch"]
     (folder / "submit.sh").write_text("\n".join(submit) + "\n")

@@ -1,8 +1,9 @@
 """The method registry. Importing this package registers every method module in it.
 
-A method is one file in this folder whose class is decorated with ``@register("name")``; the
-decorator also makes the class gin-configurable under that name, so ``superclip.cls_weight = 1.0``
-in a gin file sets that method's hyperparameter. Nothing else needs editing to add a method.
+A method is one file in this folder whose class is decorated with ``@register("name")``, plus
+its gin file ``configs/methods/<name>.gin``: the harness makes each registered class
+gin-configurable under its name (``superclip.cls_weight = 1.0``), includes every method's gin
+file and sweeps every registered method by default. Nothing else needs editing to add a method.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-import gin
-
 from harness.errors import UnknownMethodError
+from harness.specs import MethodSpec
 from methods.base import Method, RunInfo, Stage
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -28,9 +28,8 @@ def register(name: str):
         if not issubclass(cls, Method):
             raise TypeError(f"{cls} must subclass methods.base.Method")
         cls.name = name
-        configurable = gin.configurable(name, module="methods")(cls)
-        _REGISTRY[name] = configurable
-        return configurable
+        _REGISTRY[name] = cls
+        return cls
 
     return decorate
 
@@ -52,9 +51,11 @@ def other_methods(name: str) -> frozenset[str]:
     return frozenset(registered_names()) - {name}
 
 
-def build_method(name: str) -> Method:
-    """Instantiate a registered method with its gin-bound hyperparameters."""
-    return method_class(name)()
+def build_method(spec: MethodSpec | str) -> Method:
+    """Instantiate a registered method: by name (its defaults) or from a ``MethodSpec`` (the
+    hyperparameters a run's config gives it)."""
+    spec = MethodSpec(spec) if isinstance(spec, str) else spec
+    return method_class(spec.name)(**spec.kwargs)
 
 
 def _import_all() -> None:

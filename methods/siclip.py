@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import checkpoint, distributed, models
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from methods import register
 from methods.base import MAX_LOGIT_SCALE, Method, RunInfo, Stage
 from methods.common import contrastive_ce, cross_logits, own_pairs

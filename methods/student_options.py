@@ -16,7 +16,7 @@ from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentio
 from torch import nn
 
 from harness import models
-from harness.config import ConfigError
+from harness.errors import ConfigError
 
 TOWERS = ("none", "vision", "text", "both")
 SAS_P_MLP_GAIN = 0.1  # the authors' beta_FF initialisation

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from harness import checkpoint, models
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from methods import register
 from methods.base import Method, RunInfo, Stage
 from methods.common import clip_outputs, clip_terms

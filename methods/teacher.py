@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import checkpoint, models, rundir
-from harness.config import ConfigError
-from harness.manifest import write_json_atomic
+from harness.errors import ConfigError
+from harness.files import write_json_atomic
 
 CLIP_VOCAB = 49408
 EOT_TOKEN = 49407

@@ -44,21 +44,19 @@ def build(method_name: str, model_cfg: dict, bindings: list[str], seed: int = 0)
     import gin
 
     from harness import config
-    from harness.trainer import TrainStep
-    from methods import build_method
+    from harness.step import TrainStep
 
-    config.import_configurables()
     gin.clear_config()
     gin.parse_config_files_and_bindings([], bindings)
     torch.manual_seed(seed)
-    method = build_method(method_name)
+    method = config.configured_method(method_name)
     model = method.build_model(model_cfg)
     return TrainStep(model, method)
 
 
 def one_step(step_module, batch, steps: int = 1):
     """``steps`` forward/backward passes (plain SGD between them so state evolves identically)."""
-    from harness.data import prepare_batch
+    from harness.data.loader import prepare_batch
 
     batch = prepare_batch(batch, torch.device("cpu"))
     for _ in range(steps):

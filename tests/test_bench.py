@@ -296,7 +296,7 @@ def test_loss_micro_benchmarks_time_methods_as_runs_configure_them(tmp_path):
 
     from bench.test_losses import outputs_of
     from harness import models
-    from harness.trainer import total_loss
+    from harness.step import total_loss
 
     try:
         method, outputs = outputs_of("neuclip", 32, models.model_config("micro-vit"), tmp_path)

@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
-from harness.pipeline import run_pipeline
-from harness.trainer import BudgetClock, TrainConfig, build_optimizer
+from harness.optim import BudgetClock, build_optimizer
+from harness.run import run_config
+from harness.specs import TrainConfig
 from methods.clip import Clip
 from tests.conftest import REPO
 
@@ -52,7 +53,7 @@ def test_a_wallclock_run_stops_on_time_with_the_rate_annealed(tiny_data, tmp_pat
     ticks = itertools.count()
     monkeypatch.setattr(time, "perf_counter", lambda: 0.01 * next(ticks))
     out = tmp_path / "run"
-    run_pipeline(
+    run_config(
         [REPO / "configs/smoke.gin"],
         [
             f"DATA='{tiny_data}'", "MODEL='micro-vit'", "TrainConfig.progress_bar=False",

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from harness import config, models
-from harness.config import ConfigError
 from harness.distributed import DistInfo
+from harness.errors import ConfigError
+from harness.plan import differing_bindings, validate
+from harness.planner import plan_run
 from harness.run import main
-from harness.train import validate
 from tests.conftest import REPO
 
 GIN_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.gin"))
@@ -133,18 +134,22 @@ def test_bad_value_is_named(capsys):
     assert code == 2 and "lr_rule='cubic'" in err
 
 
-def test_batch_not_divisible_by_processes(tiny_data):
-    config.parse([REPO / "configs/smoke.gin"], [f"DATA='{tiny_data}'", "BATCH_SIZE=33"])
+def test_batch_not_divisible_by_processes(tiny_data, tmp_path):
+    cell = plan_run(
+        [REPO / "configs/smoke.gin"], [f"DATA='{tiny_data}'", "BATCH_SIZE=33"], out=tmp_path / "r"
+    )
     fake = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="not divisible by the number of processes"):
-        validate(config.resolve(), fake)
+        validate([cell], fake)
 
 
-def test_batch_larger_than_dataset(tiny_data):
-    config.parse([REPO / "configs/smoke.gin"], [f"DATA='{tiny_data}'", "BATCH_SIZE=512"])
+def test_batch_larger_than_dataset(tiny_data, tmp_path):
+    cell = plan_run(
+        [REPO / "configs/smoke.gin"], [f"DATA='{tiny_data}'", "BATCH_SIZE=512"], out=tmp_path / "r"
+    )
     fake = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="larger than the training split"):
-        validate(config.resolve(), fake)
+        validate([cell], fake)
 
 
 def test_config_hash_changes_with_bindings():
@@ -166,7 +171,7 @@ def test_the_sweep_layout_is_neither_hashed_nor_compared_even_over_several_lines
     config.parse(smoke, [large, "Grid.report = False"])
     assert "\n    " in config.full_config()  # gin writes this axes dict over several lines
     assert config.config_hash() == a
-    assert config.differing_bindings(saved) == []
+    assert differing_bindings(saved, config.full_config()) == []
     config.parse(smoke, [large, "SEED = 5"])
     assert config.config_hash() != a
-    assert config.differing_bindings(saved) == ["- SEED = 0", "+ SEED = 5"]
+    assert differing_bindings(saved, config.full_config()) == ["- SEED = 0", "+ SEED = 5"]

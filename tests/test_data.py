@@ -8,13 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from harness.data import (
-    ShardStream,
-    in_one_storage,
-    make_loader,
-    prepare_batch,
-    random_resized_box,
-)
+from harness.data.loader import make_loader, prepare_batch
+from harness.data.samples import random_resized_box
+from harness.data.stream import ShardStream, in_one_storage
 from harness.manifest import DataError, check_shards, load_manifest
 
 
@@ -268,7 +264,7 @@ def test_cached_tokenizer_gives_open_clips_ids():
     import open_clip
 
     from data_tools.builtin import caption, random_scene
-    from harness.data import Tokenizer
+    from harness.data.tokenizer import Tokenizer
 
     rng = random.Random(0)
     texts = [caption(random_scene(rng, 3), rng) for _ in range(300)]
@@ -303,7 +299,7 @@ class _Niceness(torch.utils.data.IterableDataset):
 def test_loader_workers_run_at_the_configured_nice_value():
     import os
 
-    from harness.data import DataConfig
+    from harness.specs import DataConfig
 
     parent = os.nice(0)
     assert next(iter(make_loader(_Niceness(), 1, worker_nice=5))) == min(19, parent + 5)
@@ -342,7 +338,7 @@ def test_shard_members_are_tarfiles_regular_files_whatever_the_headers(tmp_path,
     import tarfile
     import types
 
-    from harness.data import PlainUstarMembers
+    from harness.data.tar import PlainUstarMembers
 
     path = tmp_path / "s.tar"
     _tar_with_every_kind_of_header(path, getattr(tarfile, fmt))
@@ -360,7 +356,7 @@ def test_shard_members_are_tarfiles_regular_files_whatever_the_headers(tmp_path,
 def test_plain_ustar_reader_hands_over_at_the_first_header_it_does_not_handle(tmp_path):
     import tarfile
 
-    from harness.data import PlainUstarMembers
+    from harness.data.tar import PlainUstarMembers
 
     path = tmp_path / "s.tar"
     _tar_with_every_kind_of_header(path, tarfile.PAX_FORMAT)
@@ -385,7 +381,7 @@ def test_images_decode_to_pillows_rgb_pixels_whatever_the_png_kind(monkeypatch):
     import pyspng
     from PIL import Image
 
-    from harness.data import decode_image
+    from harness.data.samples import decode_image
 
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
     kinds = {
@@ -513,7 +509,7 @@ def test_each_rank_batch_is_distinct_on_the_2_rank_x_2_worker_split(tiny_data):
 
 
 def test_a_reader_with_fewer_images_than_a_batch_is_refused():
-    from harness.data import DistinctBatcher
+    from harness.data.stream import DistinctBatcher
 
     batcher = DistinctBatcher(4, distinct=True)
     for position in range(5):  # one image, again and again: 1 in the batch, 4 waiting
@@ -528,8 +524,8 @@ def test_a_reader_with_fewer_images_than_a_batch_is_refused():
 
 def test_a_batch_larger_than_one_readers_epoch_is_refused_before_training(images_48, tmp_path):
     from harness import config
-    from harness.config import ConfigError
-    from harness.train import check_data_fits
+    from harness.errors import ConfigError
+    from harness.plan import check_data_fits
 
     def check(batch: int, workers: int, world: int) -> None:
         bindings = [

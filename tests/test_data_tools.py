@@ -20,8 +20,10 @@ from PIL import Image
 from data_tools import coco, folder, pairs, validate
 from data_tools import manifest as manifest_tool
 from data_tools.shards import Item, Record, WriterOptions, assign_splits, convert
-from harness.data import ShardStream, eval_loader, make_loader
-from harness.manifest import LabelTask, load_manifest, sha256_file
+from harness.data.loader import eval_loader, make_loader
+from harness.data.stream import ShardStream
+from harness.files import sha256_file
+from harness.manifest import LabelTask, load_manifest
 from tests.conftest import run_cli
 
 QUIET = ["--no-progress"]

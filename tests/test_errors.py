@@ -142,7 +142,7 @@ def test_the_evaluator_checks_it_can_write_before_doing_its_work(tmp_path, monke
     """harness.evaluate into a read-only run directory used to fail after all its work."""
     import tempfile
 
-    from harness import evaluate, train
+    from harness import evaluate
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -156,7 +156,7 @@ def test_the_evaluator_checks_it_can_write_before_doing_its_work(tmp_path, monke
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", refused_there)
-    monkeypatch.setattr(train, "_evaluate_run_dir", lambda *a: pytest.fail("evaluated anyway"))
+    monkeypatch.setattr(evaluate, "_evaluate", lambda *a: pytest.fail("evaluated anyway"))
     with pytest.raises(SystemExit) as stopped:
         evaluate.main([str(run_dir)])
     assert stopped.value.code == 2

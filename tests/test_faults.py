@@ -246,7 +246,8 @@ def copy_with_broken_pngs(tiny_data, data, split: str) -> int:
     import tarfile
     from dataclasses import replace
 
-    from harness.manifest import load_manifest, save_manifest, sha256_file
+    from harness.files import sha256_file
+    from harness.manifest import load_manifest, save_manifest
 
     shutil.copytree(tiny_data.parent, data)
     manifest = load_manifest(data)
@@ -301,9 +302,9 @@ def test_a_missing_teacher_checkpoint_is_refused_before_any_work(tiny_data, tmp_
 
 def test_corrupt_test_samples_are_skipped_and_counted_by_the_evaluator(tmp_path, tiny_data):
     from harness import models
-    from harness.config import EvalConfig
-    from harness.evaluate import evaluate
+    from harness.evaluator import evaluate
     from harness.manifest import load_manifest
+    from harness.specs import EvalConfig
     from tests.dist_utils import build
 
     data = tmp_path / "data"
@@ -322,17 +323,17 @@ def test_corrupt_test_samples_are_skipped_and_counted_by_the_evaluator(tmp_path,
 
 
 def test_a_failed_evaluation_is_recorded_not_left_running(tmp_path, tiny_data, monkeypatch):
-    from harness import train
-    from harness.pipeline import run_pipeline
+    from harness import execute
+    from harness.run import run_config
 
     def broken(*args, **kwargs):
         raise RuntimeError("no test split today")
 
-    monkeypatch.setattr(train, "_evaluate", broken)
+    monkeypatch.setattr(execute, "evaluate_into", broken)
     bindings = [f"DATA='{tiny_data}'", "MODEL='micro-vit'", "TRAIN_SAMPLES=64",
                 "TrainConfig.progress_bar=False"]  # fmt: skip
     with pytest.raises(RuntimeError, match="no test split today"):
-        run_pipeline([REPO / "configs/smoke.gin"], bindings, out=tmp_path / "run")
+        run_config([REPO / "configs/smoke.gin"], bindings, out=tmp_path / "run")
     status = read(tmp_path / "run" / "status.json")
     assert status["status"] == "failed" and status["step"] == 2
     assert status["reason"] == "evaluation: RuntimeError: no test split today"
@@ -341,22 +342,22 @@ def test_a_failed_evaluation_is_recorded_not_left_running(tmp_path, tiny_data, m
     monkeypatch.undo()
 
     # resumed: no step is left, so the throughput measured in training stays as it was
-    run_pipeline([REPO / "configs/smoke.gin"], bindings, out=tmp_path / "run", resume=True)
+    run_config([REPO / "configs/smoke.gin"], bindings, out=tmp_path / "run", resume=True)
     assert read(tmp_path / "run" / "throughput.json") == speed
     assert read(tmp_path / "run" / "status.json")["status"] == "finished"
 
     # or evaluated on its own (python -m harness.evaluate): that finishes it too
-    from harness import rundir
-    from harness.train import evaluate_run_dir
+    from harness.evaluate import evaluate_run_dir
+    from harness.rundir import RunDir
 
-    rundir.write_status(tmp_path / "run", "failed", reason="evaluation: RuntimeError: x", step=2)
+    RunDir(tmp_path / "run").write_status("failed", reason="evaluation: RuntimeError: x", step=2)
     assert "i2t_r1" in evaluate_run_dir(tmp_path / "run")
     assert read(tmp_path / "run" / "status.json")["status"] == "finished"
 
 
 @pytest.mark.parametrize("write", ["harness", "report"])
 def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path, monkeypatch, write):
-    from harness.manifest import write_text_atomic
+    from harness.files import write_text_atomic
     from reports.report import _replace
 
     path = tmp_path / "operative_config.gin"

@@ -15,11 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import methods
 from bench.cell import build_cell, cell_bindings
-from harness.config import ConfigError
 from harness.costs import total_flop_counter
-from harness.data import prepare_batch
+from harness.data.loader import prepare_batch
+from harness.errors import ConfigError
 from harness.models import build_clip
-from harness.trainer import TrainStep, enable_grad_checkpointing
+from harness.step import TrainStep, enable_grad_checkpointing
 from tests.dist_utils import make_batch
 
 

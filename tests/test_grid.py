@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import config, grid
-from harness.config import ConfigError
-from harness.grid import Grid, configured_grid, expand, pin_axes, plan_cells
+from harness import config
+from harness.errors import ConfigError
+from harness.grid import Grid, pin_axes
+from harness.plan import validate_sweep
+from harness.planner import plan_sweep
 from tests.conftest import REPO, run_cli
 
 
@@ -30,18 +32,21 @@ def write_grid(tmp_path, axes: str, extra: str = "", name: str = "sweep.gin"):
 
 
 def planned(tmp_path, tiny_data, axes, extra="", **grid_kwargs):
+    """The sweep's cells, planned and validated as ``harness.run`` does before any runs."""
     path = write_grid(tmp_path, axes, extra)
     bindings = [f"DATA='{tiny_data}'"]
     config.parse([path], bindings)
-    grid = configured_grid()
-    return plan_cells([path], bindings, Grid(**{**grid.__dict__, **grid_kwargs}))
+    grid = Grid(**{**config.configured_grid().__dict__, **grid_kwargs})
+    plan = plan_sweep(path, bindings, grid, out=tmp_path / "sweep")
+    validate_sweep(plan)
+    return plan.cells
 
 
 def test_expansion_is_the_ordered_product():
     grid = Grid(
         axes={"METHOD": ["clip"], "BATCH_SIZE": [32, 64], "TrainConfig.lr_rule": ["none", "sqrt"]}
     )
-    cells = expand(grid)
+    cells = grid.cells()
     assert [v for v, _ in cells] == [
         {"METHOD": "clip", "BATCH_SIZE": b, "TrainConfig.lr_rule": r}
         for b in (32, 64)
@@ -128,9 +133,9 @@ def test_a_command_line_binding_of_an_axis_narrows_it(tmp_path, tiny_data, capsy
         pin_axes(grid, ["SEED=%OTHER"])
     path = write_grid(tmp_path, "{'BATCH_SIZE': [32], 'SEED': [0]}")
     config.parse([path], [f"DATA='{tiny_data}'", "SEED=1"])
-    (cell,) = plan_cells(
-        [path], *reversed(pin_axes(configured_grid(), ["SEED=1", f"DATA='{tiny_data}'"]))
-    )
+    (cell,) = plan_sweep(
+        path, ["SEED=1", f"DATA='{tiny_data}'"], config.configured_grid(), out=tmp_path / "s"
+    ).cells
     assert cell.values == {"BATCH_SIZE": 32, "SEED": 1} and cell.name.startswith(
         "batch_size=32__seed=1__"
     )
@@ -315,7 +320,11 @@ def test_slurm_script_for_a_2x5_grid(tmp_path, tiny_data):
         "--nnodes=$SLURM_NNODES --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:${MASTER_PORT:-29500}"
         in task
     )
-    assert "--cell --resume" in task and "'SEED = 1'" in task and "'BATCH_SIZE = 64'" in task
+    assert f"--plan {sweep / 'plan.json'} --cell seed=1__batch_size=64__" in task
+    assert task.rstrip().endswith("--resume")
+    cell = json.loads((sweep / "plan.json").read_text())["cells"][7]  # the plan holds its spec
+    assert cell["values"] == {"SEED": 1, "BATCH_SIZE": 64}
+    assert cell["stages"][0]["spec"]["train"]["batch_size"] == 64
     assert (slurm / "submit.sh").read_text().strip().endswith("sbatch cells.sbatch")
     assert subprocess.run(["bash", "-n", str(slurm / "cells.sbatch")]).returncode == 0
 
@@ -324,10 +333,9 @@ def test_slurm_script_for_a_2x5_grid(tmp_path, tiny_data):
 def test_shipped_sweeps_plan_the_cells_of_their_committed_reports(sweep, monkeypatch):
     """A binding added to a shipped gin file renames every cell (the hash covers every method's
     bindings), and the README's commands would no longer reproduce the example reports."""
-    monkeypatch.setattr(grid, "_check_stages", lambda *args: None)  # needs the built-in data
     path = REPO / "configs" / f"{sweep}.gin"
     config.parse([path], [])
-    cells = plan_cells([path], [], configured_grid())
+    cells = plan_sweep(path, [], config.configured_grid(), out=None).cells  # planning reads no data
     report = (REPO / "reports" / "examples" / sweep / "REPORT.md").read_text()
     committed = set(re.findall(r"method=\w+?__batch_size=\d+__seed=\d+__[0-9a-f]{10}", report))
     assert len(committed) == len(cells)

@@ -58,13 +58,13 @@ def test_returns_a_bool_and_can_be_called_twice():
 PEAK_PROBE = """
 import sys, torch
 from harness import host_memory
-from harness.metrics import PeakMemory
-from harness.trainer import _Timing
+from harness.hardware import PeakMemory
+from harness.metrics import StepTiming
 assert host_memory.keep_freed_memory()
 earlier = torch.ones(128 * 2**20)  # 512 MB, freed: the heap keeps it
 del earlier
 if sys.argv[1] == "trainer":  # the peak a run's timing takes, from its start
-    timing = _Timing(torch.device("cpu"))
+    timing = StepTiming(torch.device("cpu"))
     timing.__enter__()
     peak = timing.peak
 else:

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import harness.train  # noqa: F401 - registers TrainConfig and DataConfig with gin
 from harness import config
 from methods.neuclip import (
     NeuClip,
@@ -236,7 +235,7 @@ def test_tau_has_its_own_group_and_floor(micro_cfg):
 
 def test_every_constant_is_in_the_operative_config():
     config.parse([REPO / "configs/smoke.gin"], ["METHOD='neuclip'"])
-    method = NeuClip()
+    method = config.configured_method("neuclip")
     operative = gin.operative_config_str()
     for name in CONSTANTS:
         assert f"neuclip.{name} = " in operative, name

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harness.evaluate import (
+from harness.evaluator import (
     NonFiniteEmbeddings,
     _embed_split,
     check_finite,

@@ -10,8 +10,9 @@ import torch
 
 import methods
 from harness import checkpoint
-from harness.config import ConfigError
-from harness.pipeline import plan_runs, run_pipeline
+from harness.errors import ConfigError
+from harness.planner import plan_run
+from harness.run import run_config
 from harness.trainer import Trainer
 from reports import stats as rstats
 from tests.conftest import REPO, run_cli
@@ -69,8 +70,8 @@ def test_resume_after_corrupt_samples_matches_an_uninterrupted_run(
         "TrainConfig.checkpoint_every_samples=0", "TrainConfig.deterministic=True",
     ]  # fmt: skip
     smoke = [REPO / "configs/smoke.gin"]
-    straight = run_pipeline(smoke, bindings, out=tmp_path / "straight")
-    original = Trainer._one_step
+    straight = run_config(smoke, bindings, out=tmp_path / "straight")
+    original = Trainer.step
 
     def interrupt_at_step_17(self, batch):  # stops at that step boundary
         terms = original(self, batch)
@@ -78,13 +79,13 @@ def test_resume_after_corrupt_samples_matches_an_uninterrupted_run(
             os.kill(os.getpid(), signal.SIGINT)
         return terms
 
-    monkeypatch.setattr(Trainer, "_one_step", interrupt_at_step_17)
+    monkeypatch.setattr(Trainer, "step", interrupt_at_step_17)
     with pytest.raises(SystemExit):
-        run_pipeline(smoke, bindings, out=tmp_path / "resumed")
-    monkeypatch.setattr(Trainer, "_one_step", original)
+        run_config(smoke, bindings, out=tmp_path / "resumed")
+    monkeypatch.setattr(Trainer, "step", original)
     saved = checkpoint.load(checkpoint.latest(tmp_path / "resumed"))
     assert saved["step"] == 17 and saved["corrupt_samples"] > 0  # the skip must cover some
-    resumed = run_pipeline(smoke, bindings, out=tmp_path / "resumed", resume=True)
+    resumed = run_config(smoke, bindings, out=tmp_path / "resumed", resume=True)
     a, b = saved_state(straight), saved_state(resumed)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
@@ -147,9 +148,9 @@ def test_resume_after_sigint_matches_an_uninterrupted_run(method, tiny_data, tmp
         *RESUME_CASES.get(method, []),
     ]
     smoke = [REPO / "configs/smoke.gin"]
-    straight = run_pipeline(smoke, bindings, out=tmp_path / "straight")
+    straight = run_config(smoke, bindings, out=tmp_path / "straight")
 
-    original = Trainer._one_step
+    original = Trainer.step
 
     def interrupt_at_step_7(self, batch):
         terms = original(self, batch)
@@ -157,29 +158,29 @@ def test_resume_after_sigint_matches_an_uninterrupted_run(method, tiny_data, tmp
             os.kill(os.getpid(), signal.SIGINT)
         return terms
 
-    monkeypatch.setattr(Trainer, "_one_step", interrupt_at_step_7)
+    monkeypatch.setattr(Trainer, "step", interrupt_at_step_7)
     with pytest.raises(SystemExit) as stopped:
-        run_pipeline(smoke, bindings, out=tmp_path / "resumed")
+        run_config(smoke, bindings, out=tmp_path / "resumed")
     assert stopped.value.code == 130
     interrupted = next(p for p in [tmp_path / "resumed", *(tmp_path / "resumed").glob("*")]
                        if (p / "status.json").exists() and "interrupted" in (p / "status.json").read_text())  # fmt: skip
     status = json.loads((interrupted / "status.json").read_text())
     assert status["step"] == 7  # the step boundary right after the signal
-    monkeypatch.setattr(Trainer, "_one_step", original)
+    monkeypatch.setattr(Trainer, "step", original)
 
     with pytest.raises(Exception, match="--resume"):
-        run_pipeline(smoke, bindings, out=tmp_path / "resumed")
+        run_config(smoke, bindings, out=tmp_path / "resumed")
     other = OTHER_CONFIG.get(
         method, "TrainConfig.lr=0.0123"
     )  # siclip's lr would retrain the teacher
     with pytest.raises(
         ConfigError, match=f"(?s)holds a run of another config.*{other.split('=')[0]}"
     ):
-        run_pipeline(smoke, [*bindings, other], out=tmp_path / "resumed", resume=True)
-    resumed = run_pipeline(smoke, bindings, out=tmp_path / "resumed", resume=True)
+        run_config(smoke, [*bindings, other], out=tmp_path / "resumed", resume=True)
+    resumed = run_config(smoke, bindings, out=tmp_path / "resumed", resume=True)
     with pytest.raises(ConfigError, match="holds a run of another config"):  # finished, too
-        run_pipeline(smoke, [*bindings, other], out=tmp_path / "resumed")
-    assert run_pipeline(smoke, bindings, out=tmp_path / "resumed") == resumed  # same: reported
+        run_config(smoke, [*bindings, other], out=tmp_path / "resumed")
+    assert run_config(smoke, bindings, out=tmp_path / "resumed") == resumed  # same: reported
 
     a, b = saved_state(straight), saved_state(resumed)
     assert set(a) == set(b)
@@ -200,11 +201,9 @@ def test_a_direct_binding_that_would_override_a_stage_macro_is_refused(tiny_data
     itself would win over it without a word, so planning refuses it and names the macro."""
     smoke = [REPO / "configs/smoke.gin"]
     base = [f"DATA='{tiny_data}'", "METHOD='superclass'"]
-    runs = plan_runs(smoke, [*base, "TRAIN_SAMPLES=320"], out=tmp_path / "run")
-    assert [r.stage.name for r in runs] == ["cls", "lit"] and "TRAIN_SAMPLES = 160" in runs[
-        1
-    ].bindings
+    stages = plan_run(smoke, [*base, "TRAIN_SAMPLES=320"], out=tmp_path / "run").stages
+    assert [s.name for s in stages] == ["cls", "lit"] and stages[1].spec.train.train_samples == 160
     with pytest.raises(
         ConfigError, match=r"stage 'lit' sets TRAIN_SAMPLES = 160.*bind TRAIN_SAMPLES"
     ):
-        plan_runs(smoke, [*base, "TrainConfig.train_samples=320"], out=tmp_path / "run")
+        plan_run(smoke, [*base, "TrainConfig.train_samples=320"], out=tmp_path / "run")

@@ -13,8 +13,10 @@ from open_clip.loss import DistillClipLoss
 
 from harness import checkpoint, config, models
 from harness.costs import count_costs, parameter_counts
-from harness.pipeline import plan_stages, run_pipeline, shared_stage_hash
-from harness.trainer import TrainConfig, build_optimizer
+from harness.optim import build_optimizer
+from harness.planner import plan_run, shared_hash
+from harness.run import run_config
+from harness.specs import TrainConfig
 from methods.common import cross_logits
 from methods.siclip import (
     EOT_TOKEN,
@@ -212,7 +214,7 @@ def test_teacher_is_frozen_unseen_and_unchanged_by_training(teacher_dir, micro_c
     assert not teacher_ids & {id(p) for g in optimizer.param_groups for p in g["params"]}
     step.train()  # what the trainer does; the teacher must stay in eval mode
     batch = make_batch(6, 32, 36)
-    from harness.data import prepare_batch
+    from harness.data.loader import prepare_batch
 
     for _ in range(3):
         optimizer.zero_grad()
@@ -264,7 +266,7 @@ def test_teacher_forward_is_in_the_step_flops_and_its_params_are_counted(teacher
     assert costs["params_model"] == clip_costs["params_model"]
     assert costs["params_total"] == costs["params_trainable"] + n_teacher
     batch = make_batch(4, 32, 36)
-    from harness.data import prepare_batch
+    from harness.data.loader import prepare_batch
 
     batch = prepare_batch(batch, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
@@ -288,31 +290,29 @@ def test_teacher_inputs_are_adapted_to_its_image_size_and_context(tmp_path, micr
 
 
 def test_stages_train_a_shared_teacher_unless_one_is_given(teacher_dir):
-    stages = plan_stages([REPO / "configs/smoke.gin"], ["METHOD='siclip'", "BATCH_SIZE=32"])
-    teacher, student = stages
+    smoke = [REPO / "configs/smoke.gin"]
+    teacher, student = plan_run(smoke, ["METHOD='siclip'", "BATCH_SIZE=32"]).stages
     assert teacher.shared and teacher.name == "teacher"
-    assert set(teacher.bindings) == {
-        "METHOD = 'clip'", "MODEL = 'tiny-vit-teacher'", "BATCH_SIZE = 512", "TRAIN_SAMPLES = 1280",
-    }  # fmt: skip
+    spec = teacher.spec
+    assert (spec.run.method, spec.run.model) == ("clip", "tiny-vit-teacher")
+    assert (spec.train.batch_size, spec.train.train_samples) == (512, 1280)
     assert dict(student.inputs) == {"siclip.teacher": "teacher"}
+    assert student.spec.method.kwargs["teacher"] == str(teacher.run_dir.resolve())
     recomputing = ["METHOD='siclip'", "BATCH_SIZE=32", "siclip.teacher_grad_checkpointing=True"]
-    teacher, student = plan_stages([REPO / "configs/smoke.gin"], recomputing)
-    assert "TrainConfig.grad_checkpointing = True" in teacher.bindings
-    assert not any("grad_checkpointing" in b for b in student.bindings)
-    stages = plan_stages(
-        [REPO / "configs/smoke.gin"], ["METHOD='siclip'", f"siclip.teacher='{teacher_dir}'"]
-    )
+    teacher, student = plan_run(smoke, recomputing).stages
+    assert teacher.spec.train.grad_checkpointing and not student.spec.train.grad_checkpointing
+    stages = plan_run(smoke, ["METHOD='siclip'", f"siclip.teacher='{teacher_dir}'"]).stages
     assert [s.name for s in stages] == ["main"]
 
 
 def test_teacher_stage_hash_ignores_the_students_hyperparameters():
     smoke = [REPO / "configs/smoke.gin"]
     config.parse(smoke, ["METHOD='clip'", "siclip.fd_weight = 1.0"])
-    a = shared_stage_hash()
+    a = shared_hash(config.resolve(), world_size=1)
     config.parse(smoke, ["METHOD='clip'", "siclip.fd_weight = 5.0", "siclip.share_blocks='both'"])
-    assert shared_stage_hash() == a
+    assert shared_hash(config.resolve(), world_size=1) == a
     config.parse(smoke, ["METHOD='clip'", "TrainConfig.lr = 5e-4"])
-    assert shared_stage_hash() != a
+    assert shared_hash(config.resolve(), world_size=1) != a
 
 
 # ---------------------------------------------------------------- student options
@@ -426,7 +426,7 @@ def test_student_init_equals_clips_at_the_same_seed(teacher_dir, micro_cfg):
 
 @pytest.mark.slow
 def test_teacher_stage_is_reused_not_retrained(tiny_data, tmp_path):
-    from harness.train import evaluate_run_dir
+    from harness.evaluate import evaluate_run_dir
 
     smoke = [REPO / "configs/smoke.gin"]
     bindings = [
@@ -435,7 +435,7 @@ def test_teacher_stage_is_reused_not_retrained(tiny_data, tmp_path):
         "TrainConfig.progress_bar=False", "EvalConfig.probe_train_samples=100",
     ]  # fmt: skip
     shared = tmp_path / "shared"
-    first = run_pipeline(smoke, bindings, out=tmp_path / "a", shared_root=shared)
+    first = run_config(smoke, bindings, out=tmp_path / "a", shared_root=shared)
     (teacher_dir,) = shared.iterdir()
     ckpt = checkpoint.latest(teacher_dir)
     stamp = ckpt.stat().st_mtime_ns
@@ -445,7 +445,7 @@ def test_teacher_stage_is_reused_not_retrained(tiny_data, tmp_path):
 
     # another student (other loss weight, shared blocks): same teacher, not retrained
     more = [*bindings, "siclip.fd_weight=100.0", "siclip.share_blocks='both'"]
-    second = run_pipeline(smoke, more, out=tmp_path / "b", shared_root=shared)
+    second = run_config(smoke, more, out=tmp_path / "b", shared_root=shared)
     assert list(shared.iterdir()) == [teacher_dir]
     assert ckpt.stat().st_mtime_ns == stamp
     for run in (first, second):

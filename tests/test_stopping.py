@@ -159,10 +159,17 @@ def test_one_trainer_per_run_directory(tmp_path, tiny_data):
     trainer = read(first / "status.json")["pid"]
     os.kill(first_sweep.pid, signal.SIGSTOP)  # the sweep itself hangs; its cell trains on
     try:
-        again = subprocess.run(
-            smoke(first, tiny_data, "--resume"), cwd=REPO, capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
+        cell = [
+            sys.executable,
+            "-m",
+            "harness.run",
+            "--plan",
+            str(sweep / "plan.json"),
+            "--cell",
+            first.name,
+            "--resume",
+        ]  # what a second sweep runs for that cell
+        again = subprocess.run(cell, cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert again.returncode == 2
         assert (
             again.stderr.strip()
@@ -181,11 +188,11 @@ def test_one_trainer_per_run_directory(tmp_path, tiny_data):
         first_sweep.wait()
     wait_for(lambda: not pid_alive(trainer))
     assert not second.exists()
-    from harness import rundir
+    from harness.rundir import RunDir
 
     # the kernel lets go of it once the last thread of the holder has ended: the next one takes it
-    wait_for(lambda: rundir.lock_holder(first) is None, 10)
-    assert f"left 'running' by pid {trainer}" in rundir.stale_status(first)
+    wait_for(lambda: RunDir(first).holder() is None, 10)
+    assert f"left 'running' by pid {trainer}" in RunDir(first).stale()
 
 
 @pytest.mark.slow
@@ -201,16 +208,16 @@ def test_a_dead_runs_running_status_is_recognised_and_said(tmp_path, tiny_data):
     assert status["status"] == "running" and steps_of(out) == [5, 10, 15]
     assert checkpoint.load(checkpoint.latest(out))["step"] == 10
 
-    from harness import rundir
+    from harness.rundir import RunDir
 
-    assert f"left 'running' by pid {status['pid']}" in rundir.stale_status(out)
+    assert f"left 'running' by pid {status['pid']}" in RunDir(out).stale()
     resumed = subprocess.run([*argv[:-2], "--resume"], cwd=REPO, capture_output=True, text=True,
                              timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"note: {out} was left 'running' by pid {status['pid']}" in resumed.stderr
     assert "resuming from its checkpoint" in resumed.stderr
     assert steps_of(out) == [5, 10, 15, 20]  # step 15 once, from the resumed run
-    assert rundir.stale_status(out) is None
+    assert RunDir(out).stale() is None
 
 
 def fake_slurm(bin_dir: Path, log: Path) -> dict[str, str]:

@@ -8,12 +8,15 @@ import torch
 from torch import nn
 
 from harness import checkpoint, models
-from harness.config import ConfigError
 from harness.costs import parameter_counts
-from harness.data import DataConfig, prepare_batch
+from harness.data.loader import prepare_batch
 from harness.distributed import DistInfo
-from harness.pipeline import plan_stages, run_pipeline
-from harness.trainer import TrainConfig, Trainer
+from harness.errors import ConfigError
+from harness.planner import plan_run
+from harness.run import run_config
+from harness.rundir import RunDir
+from harness.specs import DataConfig, TrainConfig
+from harness.trainer import Trainer
 from methods import RunInfo, build_method, method_class
 from methods.superclass import LIT_TRAINABLE, locked_image_embedding
 from methods.token_classification import VOCAB_SIZE
@@ -74,8 +77,10 @@ def test_stages_bind_stage1_into_lit_with_a_fraction_of_the_budget():
     assert dict(stages[1].inputs) == {"superclass.init_from": "cls"}
     assert "TRAIN_SAMPLES = 500" in stages[1].bindings
     assert "superclass.phase = 'lit'" in stages[1].bindings
-    planned = plan_stages(SMOKE, ["METHOD='superclass'", "superclass.lit_samples_fraction=0.25"])
-    assert "TRAIN_SAMPLES = 160" in planned[1].bindings  # smoke.gin: TRAIN_SAMPLES = 640
+    planned = plan_run(
+        SMOKE, ["METHOD='superclass'", "superclass.lit_samples_fraction=0.25"]
+    ).stages
+    assert planned[1].spec.train.train_samples == 160  # smoke.gin: TRAIN_SAMPLES = 640
 
 
 def test_the_lit_stage_runs_at_lit_batch_size_or_the_runs_batch():
@@ -85,8 +90,8 @@ def test_the_lit_stage_runs_at_lit_batch_size_or_the_runs_batch():
     assert not any("batch_size" in b for b in fixed[0].bindings)  # stage 1: the cell's batch
     default = method_class("superclass")(lit_batch_size=None).stages(run)
     assert not any("batch_size" in b for b in default[1].bindings)
-    planned = plan_stages(SMOKE, ["METHOD='superclass'"])  # configs/methods/superclass.gin: 64
-    assert "TrainConfig.batch_size = 64" in planned[1].bindings
+    planned = plan_run(SMOKE, ["METHOD='superclass'"]).stages  # configs/methods/superclass.gin: 64
+    assert planned[1].spec.train.batch_size == 64
     for bad in (0, 2.5):
         with pytest.raises(ConfigError, match="lit_batch_size"):
             method_class("superclass")(lit_batch_size=bad)
@@ -150,7 +155,7 @@ def make_trainer(name, micro_cfg, run_dir, manifest):
     step = build(name, micro_cfg, [])
     return Trainer(
         method=step.method, model=step.model, config=TrainConfig(batch_size=8, progress_bar=False),
-        data_config=DataConfig(), manifest=manifest, run_dir=run_dir,
+        data_config=DataConfig(), manifest=manifest, run=RunDir(run_dir),
         dist=DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
         image_size=32, context_length=36,
     )  # fmt: skip
@@ -160,7 +165,7 @@ def make_trainer(name, micro_cfg, run_dir, manifest):
 def test_resume_restores_the_idf_buffers(name, micro_cfg, tmp_path):
     trainer = make_trainer(name, micro_cfg, tmp_path, manifest=None)
     for seed in range(2):
-        trainer._one_step(prepare_batch(make_batch(8, 32, 36, seed), torch.device("cpu")))
+        trainer.step(prepare_batch(make_batch(8, 32, 36, seed), torch.device("cpu")))
         trainer.state.step += 1
     trainer.save_checkpoint()
     saved = {k: v.clone() for k, v in trainer.method.classifier.idf.state_dict().items()}
@@ -168,7 +173,7 @@ def test_resume_restores_the_idf_buffers(name, micro_cfg, tmp_path):
 
     fresh = make_trainer(name, micro_cfg, tmp_path, manifest=None)
     assert fresh.method.classifier.idf.steps.item() == 0
-    fresh.resume(checkpoint.latest(tmp_path))
+    fresh.resume()
     for key, value in fresh.method.classifier.idf.state_dict().items():
         assert torch.equal(value, saved[key]), key
 
@@ -177,7 +182,7 @@ def test_resume_restores_the_idf_buffers(name, micro_cfg, tmp_path):
 def test_superclass_pipeline_runs_both_stages(tiny_data, tmp_path):
     out = tmp_path / "superclass"
     bindings = [f"DATA='{tiny_data}'", "METHOD='superclass'", "TRAIN_SAMPLES=64", *FAST]
-    final = run_pipeline(SMOKE, bindings, out=out)
+    final = run_config(SMOKE, bindings, out=out)
     assert final == out / "lit"
     stages = json.loads((out / "stages.json").read_text())["stages"]
     assert [(s["name"], s["run_dir"]) for s in stages] == [("cls", "cls"), ("lit", "lit")]

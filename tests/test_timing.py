@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness.trainer import _Timing
+from harness.metrics import StepTiming
 
 
 def test_time_inside_paused_is_left_out_of_the_interval():
-    with _Timing(torch.device("cpu")) as timing:
+    with StepTiming(torch.device("cpu")) as timing:
         timing.add(0.0, 0.0)
         with timing.paused():
             time.sleep(0.3)  # a checkpoint write
@@ -21,7 +21,7 @@ def test_time_inside_paused_is_left_out_of_the_interval():
 
 
 def test_summary_has_median_p10_p90_over_intervals_and_says_there_is_no_gpu():
-    with _Timing(torch.device("cpu")) as timing:
+    with StepTiming(torch.device("cpu")) as timing:
         for wall in [0.9, 0.1, 0.2, 0.3, 0.4]:  # the first interval is warm-up, left out
             timing.add(0.0, 0.0)
             timing.start = time.perf_counter() - wall
@@ -43,7 +43,7 @@ def test_host_load_tells_the_runs_own_cpu_from_other_processes():
     import subprocess
     import sys
 
-    from harness.metrics import HostLoad
+    from harness.hardware import HostLoad
 
     other = subprocess.Popen(
         ["sh", "-c", f"{sys.executable} -c 'while True: pass' & wait"], start_new_session=True
@@ -90,7 +90,7 @@ def test_the_cpu_peak_is_measured_once_per_machine_and_cached_with_its_date(tmp_
 
 
 def test_chance_levels_of_retrieval_are_exact():
-    from harness.evaluate import retrieval_chance
+    from harness.evaluator import retrieval_chance
 
     # image 0 has captions 0 and 1, image 1 has caption 2: a random caption ranking puts one
     # of image 0's two captions first with probability 2/3, image 1's with 1/3
